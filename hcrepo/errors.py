@@ -1,0 +1,127 @@
+"""One error hierarchy for everything hcrepo raises.
+
+Messages name queries, settings, files and nodes; they never carry parameter values,
+because those may be PHI (invariant 7).
+"""
+
+from __future__ import annotations
+
+
+class HcrepoError(Exception):
+    """Base of every error hcrepo raises on purpose."""
+
+
+class ConfigError(HcrepoError):
+    """A setting is missing or has a wrong value; the message names the setting."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"{setting}: {problem}")
+        self.setting = setting
+        self.problem = problem
+
+
+class SqlFileError(HcrepoError):
+    """A .sql file or the repository method bound to it is malformed."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str,
+        line: int,
+        column: int | None = None,
+        query: str | None = None,
+    ) -> None:
+        where = f"{path}:{line}" + (f":{column}" if column is not None else "")
+        about = f" [{query}]" if query else ""
+        super().__init__(f"{where}{about}: {message}")
+        self.path = path
+        self.line = line
+        self.column = column
+        self.query = query
+
+
+class QueryError(HcrepoError):
+    """A query ran but its result or arguments broke the declared contract."""
+
+    def __init__(self, message: str, *, query: str, source: str) -> None:
+        super().__init__(f"{query} ({source}): {message}")
+        self.query = query
+        self.source = source
+
+
+class NotFound(QueryError):
+    """A method declared to return exactly one row found none."""
+
+
+class TooManyRows(QueryError):
+    """A method declared to return at most one row found more."""
+
+
+class PageSizeExceeded(QueryError):
+    """A page size above the query's cap was asked for."""
+
+
+class InvalidOrderBy(QueryError):
+    """An ORDER BY column outside the query's whitelist was asked for."""
+
+
+class TenantContextMissing(HcrepoError):
+    """A tenant-scoped operation ran with no clinic in context."""
+
+
+class ActorRequired(HcrepoError):
+    """A write ran with no actor in context."""
+
+
+class DatabaseError(HcrepoError):
+    """A driver error surfaced through hcrepo; `sqlstate` stays reachable."""
+
+    def __init__(self, message: str, *, sqlstate: str | None, query: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.query = query
+
+
+class UniqueViolation(DatabaseError):
+    """SQLSTATE 23505."""
+
+
+class ExclusionViolation(DatabaseError):
+    """SQLSTATE 23P01, e.g. a double-booked provider slot."""
+
+
+class CheckViolation(DatabaseError):
+    """SQLSTATE 23514."""
+
+
+class ForeignKeyViolation(DatabaseError):
+    """SQLSTATE 23503."""
+
+
+class RowSecurityViolation(DatabaseError):
+    """SQLSTATE 42501 from a row-level security policy (wrong clinic)."""
+
+
+class SerializationFailure(DatabaseError):
+    """SQLSTATE 40001 or 40P01 after the retries ran out."""
+
+
+class ConnectionLost(DatabaseError):
+    """The server connection broke before COMMIT was sent; nothing was committed."""
+
+
+class CommitOutcomeUnknown(DatabaseError):
+    """The connection broke while COMMIT was in flight: the write may or may not exist."""
+
+
+class PoolTimeout(HcrepoError):
+    """No connection could be had from a pool in time."""
+
+
+class NoHealthyNode(HcrepoError):
+    """Neither a replica nor the primary could serve the call."""
+
+
+class RateLimited(HcrepoError):
+    """A caller exceeded its configured rate."""
