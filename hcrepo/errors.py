@@ -66,6 +66,10 @@ class InvalidOrderBy(QueryError):
     """An ORDER BY column outside the query's whitelist was asked for."""
 
 
+class InvalidContext(HcrepoError, ValueError):
+    """A clinic or actor id that is not a UUID."""
+
+
 class TenantContextMissing(HcrepoError):
     """A tenant-scoped operation ran with no clinic in context."""
 
@@ -77,10 +81,18 @@ class ActorRequired(HcrepoError):
 class DatabaseError(HcrepoError):
     """A driver error surfaced through hcrepo; `sqlstate` stays reachable."""
 
-    def __init__(self, message: str, *, sqlstate: str | None, query: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        sqlstate: str | None,
+        query: str | None = None,
+        constraint: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.sqlstate = sqlstate
         self.query = query
+        self.constraint = constraint
 
 
 class UniqueViolation(DatabaseError):

@@ -1,0 +1,70 @@
+"""hcrepo: one safe, fast door from typed repositories to PostgreSQL.
+
+This module is the whole public API; everything else is internal.
+"""
+
+from hcrepo.config import RoutingPolicy, Settings
+from hcrepo.database import Database
+from hcrepo.errors import (
+    ActorRequired,
+    CheckViolation,
+    CommitOutcomeUnknown,
+    ConfigError,
+    ConnectionLost,
+    DatabaseError,
+    ExclusionViolation,
+    ForeignKeyViolation,
+    HcrepoError,
+    InvalidContext,
+    InvalidOrderBy,
+    NoHealthyNode,
+    NotFound,
+    PageSizeExceeded,
+    PoolTimeout,
+    QueryError,
+    RateLimited,
+    RowSecurityViolation,
+    SerializationFailure,
+    SqlFileError,
+    TenantContextMissing,
+    TooManyRows,
+    UniqueViolation,
+)
+from hcrepo.repository import Repository, cached, query
+from hcrepo.tenancy import Context, bind_context
+from hcrepo.unit_of_work import UnitOfWork
+
+__all__ = [
+    "ActorRequired",
+    "CheckViolation",
+    "CommitOutcomeUnknown",
+    "ConfigError",
+    "ConnectionLost",
+    "Context",
+    "Database",
+    "DatabaseError",
+    "ExclusionViolation",
+    "ForeignKeyViolation",
+    "HcrepoError",
+    "InvalidContext",
+    "InvalidOrderBy",
+    "NoHealthyNode",
+    "NotFound",
+    "PageSizeExceeded",
+    "PoolTimeout",
+    "QueryError",
+    "RateLimited",
+    "Repository",
+    "RoutingPolicy",
+    "RowSecurityViolation",
+    "SerializationFailure",
+    "Settings",
+    "SqlFileError",
+    "TenantContextMissing",
+    "TooManyRows",
+    "UniqueViolation",
+    "UnitOfWork",
+    "bind_context",
+    "cached",
+    "query",
+]

@@ -1,0 +1,236 @@
+"""The facade: pools, ambient context, units of work, retried transactions.
+
+A plain read through `Database` costs one round trip: on an autocommit connection the
+transaction-local `set_config` of clinic and actor and the statement are pipelined before one
+Sync, so both run in one implicit transaction and nothing survives it on the pooled connection.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
+from uuid import UUID
+
+import tenacity
+
+from hcrepo import pipeline, tenancy
+from hcrepo.config import Settings
+from hcrepo.driver_errors import RETRYABLE_SQLSTATES
+from hcrepo.errors import ConnectionLost, DatabaseError
+from hcrepo.execution import context_statement, fetch_lsn, run_or_translate, stream_rows
+from hcrepo.cache import Cache
+from hcrepo.pipeline import HcConnection, Statement
+from hcrepo.routing import Router
+from hcrepo.tenancy import Context
+from hcrepo.unit_of_work import UnitOfWork, open_unit
+
+if TYPE_CHECKING:
+    from hcrepo.repository import Plan
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_UNSET: Any = tenancy._UNSET
+_LIST_CLINICS = "/* hcrepo:for_each_clinic */ SELECT id FROM clinics ORDER BY id"
+
+
+class Database:
+    """`Database.from_env()` or `Database(Settings(...))`; use as a context manager."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._router = Router(settings)
+        self._cache: Cache | None = Cache.from_settings(settings)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Database:
+        return cls(Settings.load(**overrides))
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def __enter__(self) -> Database:
+        self.open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def open(self) -> None:
+        self._router.primary.pool.wait(timeout=self.settings.pool_acquire_timeout)
+
+    def close(self) -> None:
+        self._router.close()
+        if self._cache is not None:
+            self._cache.close()
+
+    # -- context -------------------------------------------------------------------------
+
+    def context(
+        self, *, clinic_id: UUID | str | None = _UNSET, actor_id: UUID | str | None = _UNSET
+    ) -> AbstractContextManager[Context]:
+        """Make clinic and actor ambient for the block (contextvars; nests)."""
+        return tenancy.use(clinic_id, actor_id)
+
+    # -- running repository plans ----------------------------------------------------------
+
+    def run(self, plan: Plan, args: tuple[Any, ...], sql: str) -> Any:
+        context = tenancy.current()
+        plan.check_context(context)
+        if plan.is_write:
+            return self._write(plan, args, sql, context)
+        if plan.shape.streams:
+            return self._stream(plan, args, sql, context)
+        if plan.cache is not None and self._cache is not None:
+            return self._cache.fetch(
+                plan, args, sql, context, lambda: self._read(plan, args, sql, context)
+            )
+        return self._read(plan, args, sql, context)
+
+    def _read(self, plan: Plan, args: tuple[Any, ...], sql: str, context: Context) -> Any:
+        statements = [context_statement(context, plan.query.timeout_ms), Statement(sql, args)]
+
+        def attempt(conn: HcConnection) -> Any:
+            results = run_or_translate(conn, statements, plan)
+            return plan.shape.build(results[-1], conn.transformer, plan.name, plan.source)
+
+        return self._router.read(attempt)
+
+    def _write(self, plan: Plan, args: tuple[Any, ...], sql: str, context: Context) -> Any:
+        statements = [
+            context_statement(context, plan.query.timeout_ms),
+            Statement(sql, args, sync_after=True),
+        ]
+        if self._router.replicas:
+            statements.append(fetch_lsn())
+        with self._router.primary.connection() as conn:
+            results = run_or_translate(conn, statements, plan)
+            value = plan.shape.build(results[1], conn.transformer, plan.name, plan.source)
+        lsn = results[2].get_value(0, 0) if len(results) > 2 else None
+        self._committed(context, [(plan, args)], lsn.decode() if lsn else None)
+        return value
+
+    def _committed(
+        self,
+        context: Context,
+        writes: list[tuple[Plan, tuple[Any, ...]]],
+        lsn: str | None,
+    ) -> None:
+        """After a successful COMMIT only: read-your-writes position, then cache invalidation."""
+        if lsn is not None:
+            self._router.record_write(lsn)
+        if self._cache is not None:
+            tags = [tag for plan, args in writes for tag in plan.tags(plan.invalidates, args)]
+            if tags:
+                self._cache.invalidate(context, tags)
+
+    def _stream(self, plan: Plan, args: tuple[Any, ...], sql: str, context: Context) -> Any:
+        node = self._router.reader()  # chosen at call time: the context is captured now
+        prefix = [Statement("BEGIN READ ONLY"), context_statement(context, plan.query.timeout_ms)]
+
+        def rows() -> Iterator[Any]:
+            with node.connection() as conn:
+                yield from stream_rows(conn, plan, args, sql, prefix, owns_tx=True)
+
+        return rows()
+
+    # -- units of work and transactions ----------------------------------------------------
+
+    def unit_of_work(
+        self,
+        *,
+        isolation: str | None = None,
+        read_only: bool = False,
+        clinic_id: UUID | str | None = _UNSET,
+        actor_id: UUID | str | None = _UNSET,
+    ) -> UnitOfWork:
+        """One primary transaction: `with db.unit_of_work() as uow: Repo(uow).method(...)`."""
+        return UnitOfWork(
+            self._router.primary,
+            tenancy.resolve(clinic_id, actor_id),
+            isolation=isolation,
+            read_only=read_only,
+            track_lsn=bool(self._router.replicas),
+            on_commit=lambda uow: self._committed(uow.context, uow.invalidations, uow.commit_lsn),
+        )
+
+    def transaction(
+        self,
+        fn: Callable[Concatenate[UnitOfWork, P], R],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> R:
+        """Run `fn(uow, **kwargs)` in a unit of work, re-running it on safe errors.
+
+        Options are taken from kwargs: `retries` (default 3), `isolation`, `read_only`,
+        `clinic_id`, `actor_id`; everything else is passed to `fn`.
+        """
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in _TRANSACTION_OPTIONS}
+        retries = int(options.pop("retries", 3))
+        joined = open_unit.get()
+        if joined is not None:
+            return fn(joined, *args, **kwargs)
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(retries + 1),
+            wait=tenacity.wait_random_exponential(multiplier=0.005, max=0.5),
+            retry=tenacity.retry_if_exception(_is_retryable),
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt, self.unit_of_work(**options) as uow:
+                    return fn(uow, *args, **kwargs)
+        except DatabaseError as exc:
+            if _is_retryable(exc):
+                exc.args = (f"{exc.args[0]} (gave up after {retries + 1} attempts)",)
+                exc.attempts = retries + 1  # type: ignore[attr-defined]
+            raise
+        raise AssertionError("unreachable")
+
+    def transactional(
+        self, **options: Any
+    ) -> Callable[[Callable[Concatenate[UnitOfWork, P], R]], Callable[P, R]]:
+        """Decorator form of `transaction`: `@db.transactional(retries=5)`."""
+
+        def decorate(fn: Callable[Concatenate[UnitOfWork, P], R]) -> Callable[P, R]:
+            @functools.wraps(fn)
+            def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+                return self.transaction(fn, *args, **{**options, **kwargs})
+
+            return wrapper
+
+        return decorate
+
+    def for_each_clinic(self, fn: Callable[[UUID], R]) -> dict[UUID, R]:
+        """Run `fn(clinic_id)` once per clinic, each inside its own clinic context.
+
+        RLS stays on: the clinic list comes from the clinic directory, and every call sees
+        only its own clinic's rows.
+        """
+        with self._router.primary.connection() as conn:
+            result = pipeline.run(conn, [Statement(_LIST_CLINICS)])[0]
+            conn.transformer.set_pgresult(result)
+            clinic_ids = [row[0] for row in conn.transformer.load_rows(0, result.ntuples, tuple)]
+        outcome: dict[UUID, R] = {}
+        for clinic_id in clinic_ids:
+            with tenancy.use(clinic_id=clinic_id):
+                outcome[clinic_id] = fn(clinic_id)
+        return outcome
+
+
+_TRANSACTION_OPTIONS = frozenset({"retries", "isolation", "read_only", "clinic_id", "actor_id"})
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    """Only errors that guarantee nothing was committed (invariant 4)."""
+    if isinstance(exc, ConnectionLost):
+        return True
+    return isinstance(exc, DatabaseError) and exc.sqlstate in RETRYABLE_SQLSTATES

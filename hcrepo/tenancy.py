@@ -1,0 +1,87 @@
+"""The ambient clinic and actor of the current request, carried by `contextvars`.
+
+Each context is immutable; nesting replaces the whole value and restores the outer one on exit,
+so threads and generators see exactly the context that was current where they were started
+(hand work to another thread with `bind_context`, which copies it explicitly).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import NamedTuple, ParamSpec, TypeVar
+from uuid import UUID
+
+from hcrepo.errors import InvalidContext
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Context(NamedTuple):
+    """Who is acting (actor) for which tenant (clinic); either may be absent."""
+
+    clinic_id: UUID | None = None
+    actor_id: UUID | None = None
+
+    @property
+    def settings(self) -> tuple[str, str]:
+        """The values of `app.clinic_id` / `app.actor_id`; '' means none (RLS fails closed)."""
+        return (
+            "" if self.clinic_id is None else str(self.clinic_id),
+            "" if self.actor_id is None else str(self.actor_id),
+        )
+
+
+EMPTY = Context()
+_current: contextvars.ContextVar[Context] = contextvars.ContextVar("hcrepo_context", default=EMPTY)
+
+_UNSET: object = object()
+
+
+def current() -> Context:
+    return _current.get()
+
+
+def resolve(clinic_id: object = _UNSET, actor_id: object = _UNSET) -> Context:
+    """The ambient context with explicit arguments taking precedence."""
+    ambient = _current.get()
+    if clinic_id is _UNSET and actor_id is _UNSET:
+        return ambient
+    return Context(
+        ambient.clinic_id if clinic_id is _UNSET else _as_uuid(clinic_id, "clinic_id"),
+        ambient.actor_id if actor_id is _UNSET else _as_uuid(actor_id, "actor_id"),
+    )
+
+
+@contextmanager
+def use(clinic_id: object = _UNSET, actor_id: object = _UNSET) -> Iterator[Context]:
+    """Make a context ambient for the block; fields not given are inherited from the outer one."""
+    context = resolve(clinic_id, actor_id)
+    token = _current.set(context)
+    try:
+        yield context
+    finally:
+        _current.reset(token)
+
+
+def bind_context(fn: Callable[P, R]) -> Callable[P, R]:
+    """Capture the caller's contextvars (clinic, actor, read-your-writes) for another thread."""
+    captured = contextvars.copy_context()
+
+    def bound(*args: P.args, **kwargs: P.kwargs) -> R:
+        return captured.copy().run(fn, *args, **kwargs)
+
+    return bound
+
+
+def _as_uuid(value: object, name: str) -> UUID | None:
+    if value is None or isinstance(value, UUID):
+        return value
+    if isinstance(value, str):
+        try:
+            return UUID(value)
+        except ValueError:
+            pass
+    raise InvalidContext(f"{name} must be a UUID or None")
