@@ -23,9 +23,9 @@ class RoutingPolicy(StrEnum):
     LOWEST_LATENCY = "lowest_latency"
 
 
-def _env(name: str) -> Any:
-    """Bind a field to exactly one environment variable name (no prefix magic)."""
-    return Field(validation_alias=AliasChoices(name), alias=name)
+def _setting(name: str, default: Any = ..., **constraints: Any) -> Any:
+    """A field read from exactly the environment variable `name` (no prefix magic)."""
+    return Field(default, validation_alias=AliasChoices(name), alias=name, **constraints)
 
 
 def _check_url(value: str) -> str:
@@ -43,101 +43,41 @@ class Settings(BaseSettings):
         populate_by_name=True, extra="ignore", frozen=True, validate_default=True
     )
 
-    database_url: str = _env("DATABASE_URL")
-    read_replica_urls: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, validation_alias=AliasChoices("READ_REPLICA_URLS"),
-        alias="READ_REPLICA_URLS",
+    database_url: str = _setting("DATABASE_URL")
+    read_replica_urls: Annotated[list[str], NoDecode] = _setting(
+        "READ_REPLICA_URLS", default_factory=list
     )
-    owner_url: str | None = Field(
-        default=None, validation_alias=AliasChoices("HCREPO_OWNER_URL"), alias="HCREPO_OWNER_URL"
-    )
-    redis_url: str = Field(default="", validation_alias=AliasChoices("REDIS_URL"), alias="REDIS_URL")
+    owner_url: str | None = _setting("HCREPO_OWNER_URL", None)
+    redis_url: str = _setting("REDIS_URL", "")
 
-    pool_min: int = Field(default=2, ge=0, validation_alias=AliasChoices("DB_POOL_MIN"),
-                          alias="DB_POOL_MIN")
-    pool_max: int = Field(default=10, ge=1, validation_alias=AliasChoices("DB_POOL_MAX"),
-                          alias="DB_POOL_MAX")
-    pool_acquire_timeout: float = Field(
-        default=5.0, gt=0, validation_alias=AliasChoices("DB_POOL_ACQUIRE_TIMEOUT"),
-        alias="DB_POOL_ACQUIRE_TIMEOUT",
-    )
-    pool_idle_timeout: float = Field(
-        default=600.0, gt=0, validation_alias=AliasChoices("DB_POOL_IDLE_TIMEOUT"),
-        alias="DB_POOL_IDLE_TIMEOUT",
-    )
-    pool_max_lifetime: float = Field(
-        default=3600.0, gt=0, validation_alias=AliasChoices("HCREPO_POOL_MAX_LIFETIME"),
-        alias="HCREPO_POOL_MAX_LIFETIME",
-    )
-    pool_max_waiting: int = Field(
-        default=0, ge=0, validation_alias=AliasChoices("HCREPO_POOL_MAX_WAITING"),
-        alias="HCREPO_POOL_MAX_WAITING",
-    )
-    pool_leak_threshold: float = Field(
-        default=30.0, gt=0, validation_alias=AliasChoices("HCREPO_POOL_LEAK_THRESHOLD"),
-        alias="HCREPO_POOL_LEAK_THRESHOLD",
-    )
+    pool_min: int = _setting("DB_POOL_MIN", 2, ge=0)
+    pool_max: int = _setting("DB_POOL_MAX", 10, ge=1)
+    pool_acquire_timeout: float = _setting("DB_POOL_ACQUIRE_TIMEOUT", 5.0, gt=0)
+    pool_idle_timeout: float = _setting("DB_POOL_IDLE_TIMEOUT", 600.0, gt=0)
+    pool_max_lifetime: float = _setting("HCREPO_POOL_MAX_LIFETIME", 3600.0, gt=0)
+    pool_max_waiting: int = _setting("HCREPO_POOL_MAX_WAITING", 0, ge=0)
+    pool_leak_threshold: float = _setting("HCREPO_POOL_LEAK_THRESHOLD", 30.0, gt=0)
 
-    health_interval: float = Field(
-        default=1.0, gt=0, validation_alias=AliasChoices("HCREPO_HEALTH_INTERVAL"),
-        alias="HCREPO_HEALTH_INTERVAL",
-    )
-    max_lag_seconds: float = Field(
-        default=5.0, gt=0, validation_alias=AliasChoices("HCREPO_MAX_LAG_SECONDS"),
-        alias="HCREPO_MAX_LAG_SECONDS",
-    )
-    max_lag_bytes: int = Field(
-        default=16 * 1024 * 1024, gt=0, validation_alias=AliasChoices("HCREPO_MAX_LAG_BYTES"),
-        alias="HCREPO_MAX_LAG_BYTES",
-    )
-    routing_policy: RoutingPolicy = Field(
-        default=RoutingPolicy.ROUND_ROBIN, validation_alias=AliasChoices("HCREPO_ROUTING_POLICY"),
-        alias="HCREPO_ROUTING_POLICY",
-    )
-    breaker_failures: int = Field(
-        default=3, ge=1, validation_alias=AliasChoices("HCREPO_BREAKER_FAILURES"),
-        alias="HCREPO_BREAKER_FAILURES",
-    )
-    breaker_reset: float = Field(
-        default=2.0, gt=0, validation_alias=AliasChoices("HCREPO_BREAKER_RESET"),
-        alias="HCREPO_BREAKER_RESET",
-    )
+    health_interval: float = _setting("HCREPO_HEALTH_INTERVAL", 1.0, gt=0)
+    max_lag_seconds: float = _setting("HCREPO_MAX_LAG_SECONDS", 5.0, gt=0)
+    max_lag_bytes: int = _setting("HCREPO_MAX_LAG_BYTES", 16 * 1024 * 1024, gt=0)
+    routing_policy: RoutingPolicy = _setting("HCREPO_ROUTING_POLICY", RoutingPolicy.ROUND_ROBIN)
+    breaker_failures: int = _setting("HCREPO_BREAKER_FAILURES", 3, ge=1)
+    breaker_reset: float = _setting("HCREPO_BREAKER_RESET", 2.0, gt=0)
 
-    cache_enabled: bool = Field(default=True, validation_alias=AliasChoices("CACHE_ENABLED"),
-                                alias="CACHE_ENABLED")
-    cache_ttl: int = Field(default=300, gt=0, validation_alias=AliasChoices("CACHE_TTL"),
-                           alias="CACHE_TTL")
-    cache_ttl_presets: dict[str, int] = Field(
+    cache_enabled: bool = _setting("CACHE_ENABLED", True)
+    cache_ttl: int = _setting("CACHE_TTL", 300, gt=0)
+    cache_ttl_presets: dict[str, int] = _setting(
+        "HCREPO_CACHE_TTL_PRESETS",
         default_factory=lambda: {"clinic": 3600, "patient": 1800, "appointment": 300,
                                  "emergency": 60},
-        validation_alias=AliasChoices("HCREPO_CACHE_TTL_PRESETS"),
-        alias="HCREPO_CACHE_TTL_PRESETS",
     )
-    cache_key_prefix: str = Field(
-        default="hc", min_length=1, validation_alias=AliasChoices("HCREPO_CACHE_PREFIX"),
-        alias="HCREPO_CACHE_PREFIX",
-    )
-    cache_encryption_key: str | None = Field(
-        default=None, validation_alias=AliasChoices("HCREPO_CACHE_ENCRYPTION_KEY"),
-        alias="HCREPO_CACHE_ENCRYPTION_KEY",
-    )
-    cache_socket_timeout: float = Field(
-        default=0.25, gt=0, validation_alias=AliasChoices("HCREPO_CACHE_SOCKET_TIMEOUT"),
-        alias="HCREPO_CACHE_SOCKET_TIMEOUT",
-    )
+    cache_key_prefix: str = _setting("HCREPO_CACHE_PREFIX", "hc", min_length=1)
+    cache_encryption_key: str | None = _setting("HCREPO_CACHE_ENCRYPTION_KEY", None)
+    cache_socket_timeout: float = _setting("HCREPO_CACHE_SOCKET_TIMEOUT", 0.25, gt=0)
 
-    slow_query_threshold_ms: float = Field(
-        default=500.0, ge=0, validation_alias=AliasChoices("SLOW_QUERY_THRESHOLD"),
-        alias="SLOW_QUERY_THRESHOLD",
-    )
-    audit_retention_days: int = Field(
-        default=2555, ge=1, validation_alias=AliasChoices("AUDIT_RETENTION_DAYS"),
-        alias="AUDIT_RETENTION_DAYS",
-    )
-    max_page_size: int = Field(
-        default=1000, ge=1, validation_alias=AliasChoices("HCREPO_MAX_PAGE_SIZE"),
-        alias="HCREPO_MAX_PAGE_SIZE",
-    )
+    slow_query_threshold_ms: float = _setting("SLOW_QUERY_THRESHOLD", 500.0, ge=0)
+    audit_retention_days: int = _setting("AUDIT_RETENTION_DAYS", 2555, ge=1)
 
     @field_validator("database_url")
     @classmethod
