@@ -11,17 +11,17 @@ import functools
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from uuid import UUID
 
 import tenacity
 
 from hcrepo import pipeline, tenancy
+from hcrepo.cache import Cache
 from hcrepo.config import Settings
 from hcrepo.driver_errors import RETRYABLE_SQLSTATES
 from hcrepo.errors import ConnectionLost, DatabaseError
 from hcrepo.execution import context_statement, fetch_lsn, run_or_translate, stream_rows
-from hcrepo.cache import Cache
 from hcrepo.pipeline import HcConnection, Statement
 from hcrepo.routing import Router
 from hcrepo.tenancy import Context
@@ -163,21 +163,26 @@ class Database:
 
     def transaction(
         self,
-        fn: Callable[Concatenate[UnitOfWork, P], R],
+        fn: Callable[..., R],
         /,
-        *args: P.args,
-        **kwargs: P.kwargs,
+        *,
+        retries: int = 3,
+        isolation: str | None = None,
+        read_only: bool = False,
+        clinic_id: UUID | str | None = _UNSET,
+        actor_id: UUID | str | None = _UNSET,
+        **kwargs: Any,
     ) -> R:
-        """Run `fn(uow, **kwargs)` in a unit of work, re-running it on safe errors.
+        """Run `fn(uow, **kwargs)` in a unit of work, re-running it from the start on errors
+        that guarantee nothing was committed (40001, 40P01, connection lost before COMMIT).
 
-        Options are taken from kwargs: `retries` (default 3), `isolation`, `read_only`,
-        `clinic_id`, `actor_id`; everything else is passed to `fn`.
+        Inside an open unit of work it joins that one and leaves retrying to its owner.
         """
-        options = {k: kwargs.pop(k) for k in list(kwargs) if k in _TRANSACTION_OPTIONS}
-        retries = int(options.pop("retries", 3))
         joined = open_unit.get()
         if joined is not None:
-            return fn(joined, *args, **kwargs)
+            return fn(joined, **kwargs)
+        options: dict[str, Any] = {"isolation": isolation, "read_only": read_only,
+                                   "clinic_id": clinic_id, "actor_id": actor_id}
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(retries + 1),
             wait=tenacity.wait_random_exponential(multiplier=0.005, max=0.5),
@@ -187,23 +192,22 @@ class Database:
         try:
             for attempt in retrying:
                 with attempt, self.unit_of_work(**options) as uow:
-                    return fn(uow, *args, **kwargs)
+                    return fn(uow, **kwargs)
         except DatabaseError as exc:
             if _is_retryable(exc):
-                exc.args = (f"{exc.args[0]} (gave up after {retries + 1} attempts)",)
-                exc.attempts = retries + 1  # type: ignore[attr-defined]
+                exc.attempts = retries + 1
+                exc.args = (f"{exc.args[0]} (gave up after {exc.attempts} attempts)",)
             raise
         raise AssertionError("unreachable")
 
-    def transactional(
-        self, **options: Any
-    ) -> Callable[[Callable[Concatenate[UnitOfWork, P], R]], Callable[P, R]]:
-        """Decorator form of `transaction`: `@db.transactional(retries=5)`."""
+    def transactional(self, **options: Any) -> Callable[[Callable[..., R]], Callable[..., R]]:
+        """Decorator form of `transaction`: `@db.transactional(retries=5)` on `fn(uow, **kw)`;
+        call the result with the keyword arguments only."""
 
-        def decorate(fn: Callable[Concatenate[UnitOfWork, P], R]) -> Callable[P, R]:
+        def decorate(fn: Callable[..., R]) -> Callable[..., R]:
             @functools.wraps(fn)
-            def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-                return self.transaction(fn, *args, **{**options, **kwargs})
+            def wrapper(**kwargs: Any) -> R:
+                return self.transaction(fn, **{**options, **kwargs})
 
             return wrapper
 
@@ -224,9 +228,6 @@ class Database:
             with tenancy.use(clinic_id=clinic_id):
                 outcome[clinic_id] = fn(clinic_id)
         return outcome
-
-
-_TRANSACTION_OPTIONS = frozenset({"retries", "isolation", "read_only", "clinic_id", "actor_id"})
 
 
 def _is_retryable(exc: BaseException) -> bool:

@@ -81,6 +81,8 @@ class ActorRequired(HcrepoError):
 class DatabaseError(HcrepoError):
     """A driver error surfaced through hcrepo; `sqlstate` stays reachable."""
 
+    attempts: int = 1  # how many times `Database.transaction` ran the work
+
     def __init__(
         self,
         message: str,

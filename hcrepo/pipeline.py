@@ -61,7 +61,7 @@ class _Reply(NamedTuple):
 
     kind: str  # "prepare" | "execute" | "sync"
     key: tuple[str, tuple[int, ...]] | None = None
-    index: int = -1
+    position: int = -1
 
 
 def run(conn: HcConnection, statements: Sequence[Statement]) -> list[pq.abc.PGresult]:
@@ -84,7 +84,7 @@ def run(conn: HcConnection, statements: Sequence[Statement]) -> list[pq.abc.PGre
                 values = transformer.dump_sequence(
                     statement.params, [PyFormat.AUTO] * len(statement.params)
                 )
-                types, formats = tuple(transformer.types), transformer.formats
+                types, formats = tuple(transformer.types or ()), transformer.formats
             key = (statement.sql, types)
             if statement.prepare:
                 name = conn.prepared.get(key)
@@ -127,7 +127,7 @@ def _collect(conn: HcConnection, replies: list[_Reply]) -> list[pq.abc.PGresult]
         if last.status in (_FATAL, _ABORTED) and reply.kind == "prepare" and reply.key:
             conn.prepared.pop(reply.key, None)  # the server holds no statement by that name
         if last.status == _FATAL and failure is None:
-            failure = PipelineError(_error(last, conn), reply.index)
+            failure = PipelineError(_error(last, conn), reply.position)
         if reply.kind == "execute":
             results.append(last)
     if failure is not None:

@@ -9,6 +9,7 @@ small function that binds the keyword arguments and hands a `Plan` to the runner
 from __future__ import annotations
 
 import inspect
+import string
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -128,7 +129,7 @@ class Plan:
                 "use db.context(actor_id=...)"
             )
 
-    def tags(self, templates: Sequence[str], args: Sequence[Any], order: Any = None) -> list[str]:
+    def tags(self, templates: Sequence[str], args: Sequence[Any]) -> list[str]:
         values = dict(zip(self.param_names, args, strict=True))
         return [template.format_map(values) for template in templates]
 
@@ -215,14 +216,16 @@ def _plan_for(
     code = getattr(fn, "__code__", None)
     where = f"{code.co_filename}:{code.co_firstlineno}" if code else method
 
+    sql_file: Path = getattr(cls, "__sql_file__")  # noqa: B009 (set just before, on cls)
+
     def fail(message: str, q: sqlfile.SqlQuery | None = None) -> SqlFileError:
-        path, line = (q.path, q.line) if q else (str(cls.__sql_file__), 1)
+        path, line = (q.path, q.line) if q else (str(sql_file), 1)
         return SqlFileError(f"{method} ({where}): {message}", path=path, line=line,
                             query=spec.name)
 
     found = queries.get(spec.name)
     if found is None:
-        raise fail(f"no query named {spec.name!r} in {cls.__sql_file__.name}")
+        raise fail(f"no query named {spec.name!r} in {sql_file.name}")
     signature = inspect.signature(fn)
     parameters = list(signature.parameters.values())[1:]
     positional = [p.name for p in parameters if p.kind is not inspect.Parameter.KEYWORD_ONLY]
@@ -264,8 +267,6 @@ def _plan_for(
 
 
 def _template_fields(template: str) -> list[str]:
-    import string
-
     return [field for _, field, _, _ in string.Formatter().parse(template) if field]
 
 

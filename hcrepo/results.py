@@ -19,7 +19,7 @@ from enum import Enum
 from typing import Any
 
 from psycopg import pq
-from psycopg.adapt import Transformer
+from psycopg.abc import Transformer
 from pydantic import BaseModel
 
 from hcrepo.errors import NotFound, QueryError, TooManyRows
@@ -94,7 +94,8 @@ class Shape:
         if maker is None:
             maker = self._maker = self.row.maker(result, query, source)
         transformer.set_pgresult(result)
-        return transformer.load_rows(0, result.ntuples, maker)
+        rows: list[Any] = transformer.load_rows(0, result.ntuples, maker)
+        return rows
 
     def build(
         self, result: pq.abc.PGresult, transformer: Transformer, query: str, source: str
@@ -176,7 +177,9 @@ def shape_for(
     if annotation is int and not returns_rows:
         return RowCount(None)
     if not returns_rows:
-        raise ValueError(f"{where}: the statement returns no rows; annotate it '-> int' or '-> None'")
+        raise ValueError(
+            f"{where}: the statement returns no rows; annotate it '-> int' or '-> None'"
+        )
     return One(_row_type(annotation, validate, where))
 
 

@@ -9,6 +9,7 @@ rewritten once to `$n` placeholders: hcrepo sends statements through libpq direc
 
 from __future__ import annotations
 
+import itertools
 import re
 from functools import cache
 from pathlib import Path
@@ -74,7 +75,9 @@ def load(path: Path) -> dict[str, SqlQuery]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise SqlFileError(f"cannot read SQL file ({exc.strerror})", path=str(path), line=1) from None
+        raise SqlFileError(
+            f"cannot read SQL file ({exc.strerror})", path=str(path), line=1
+        ) from None
     return parse(text, str(path))
 
 
@@ -135,7 +138,9 @@ def _compile(block: _Block, path: str) -> SqlQuery:
     body = rewritten.strip().rstrip(";").strip()
     if not _has_code(body):
         raise fail("empty query block", block.line, 1)
-    parse_text = body if order_slot is None else body.replace(order_slot, _quote(order_by.columns[0]))  # type: ignore[union-attr]
+    parse_text = body
+    if order_by is not None and order_slot is not None:
+        parse_text = body.replace(order_slot, _quote(order_by.columns[0]))
     try:
         statements = parser.parse_sql(parse_text)
     except parser.ParseError as exc:
@@ -145,6 +150,7 @@ def _compile(block: _Block, path: str) -> SqlQuery:
     if len(statements) != 1:
         raise fail(f"one statement per block, found {len(statements)}", block.body_line, 1)
     statement = statements[0].stmt
+    assert statement is not None
     is_write = _is_write(statement)
     forced_kind = block.directives.get("kind")
     if forced_kind is not None:
@@ -159,9 +165,9 @@ def _compile(block: _Block, path: str) -> SqlQuery:
     variants: dict[str, str] = {}
     if order_by is not None and order_slot is not None:
         sql = header + body.replace(order_slot, _quote(order_by.columns[0]))
-        for column in order_by.columns:
-            variants[column] = header + body.replace(order_slot, f"{_quote(column)} ASC")
-            variants[f"-{column}"] = header + body.replace(order_slot, f"{_quote(column)} DESC")
+        for choice in order_by.columns:
+            variants[choice] = header + body.replace(order_slot, f"{_quote(choice)} ASC")
+            variants[f"-{choice}"] = header + body.replace(order_slot, f"{_quote(choice)} DESC")
     return SqlQuery(
         name=block.name,
         path=path,
@@ -194,7 +200,7 @@ def _rewrite_params(
     names: list[str] = []
     pieces: list[bytes] = []
     copied = 0
-    for colon, word in zip(tokens, tokens[1:], strict=False):
+    for colon, word in itertools.pairwise(tokens):
         if raw[colon.start : colon.end + 1] != b":" or word.start != colon.end + 1:
             continue
         name = raw[word.start : word.end + 1].decode("utf-8")
@@ -288,7 +294,11 @@ def _select_star(statement: ast.Node) -> bool:
         return False
     for target in statement.targetList or ():
         value = target.val
-        if isinstance(value, ast.ColumnRef) and isinstance(value.fields[-1], ast.A_Star):
+        if (
+            isinstance(value, ast.ColumnRef)
+            and value.fields
+            and isinstance(value.fields[-1], ast.A_Star)
+        ):
             return True
     return any(_select_star(branch) for branch in (statement.larg, statement.rarg) if branch)
 

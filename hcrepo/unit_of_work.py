@@ -196,7 +196,8 @@ class UnitOfWork:
                 sqlstate=exc.sqlstate,
             ) from exc
         if len(results) > 1:
-            self.commit_lsn = results[1].get_value(0, 0).decode()  # text LSN, e.g. 0/3000148
+            lsn = results[1].get_value(0, 0)
+            self.commit_lsn = lsn.decode() if lsn is not None else None
 
     def _rollback(self) -> None:
         conn = self._conn

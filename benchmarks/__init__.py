@@ -1,0 +1,1 @@
+"""Benchmarks: hcrepo against raw psycopg, SQLAlchemy Core and aiosql, as ratios in one run."""
