@@ -30,7 +30,7 @@ system-deps:
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || \
-		{ echo "hcrepo needs Python 3.11 or newer: set PYTHON=/path/to/python3.11 (found: $$($(PYTHON) --version 2>&1))" >&2; exit 1; }
+		{ echo "hcrepo needs Python 3.11 or newer: set PYTHON=/path/to/python3.11 (found: $$($(PYTHON) --version 2>&1 | head -n1))" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 
 $(INSTALLED): pyproject.toml $(wildcard setup.py) | $(BIN)/python
