@@ -1,0 +1,3 @@
+DROP TABLE clinic_memberships;
+DROP TABLE users;
+DROP TABLE clinics;

@@ -1,0 +1,67 @@
+"""`hcrepo demo`: runs from a clean environment, shows isolation, leaves nothing behind."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hcrepo import demo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def scratch(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A temp dir of the demo's own (other runs may share /tmp), reachable by the server user."""
+    path = Path(tempfile.mkdtemp(prefix="hcrepo-demo-test-"))
+    path.chmod(0o755)
+    monkeypatch.setattr(tempfile, "tempdir", str(path))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_demo_exits_0_and_shows_each_clinic_only_its_patients(scratch: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "hcrepo", "demo"],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT),
+             "TMPDIR": str(scratch)},
+        cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    out = result.stdout
+    assert "Demo Clinic North sees 3 patients: N-0001, N-0002, N-0003\n" in out
+    assert "Demo Clinic South sees 2 patients: S-0001, S-0002\n" in out
+    assert "no clinic context sees 0 patients\n" in out
+    assert "North writing a patient into South: refused by row-level security" in out
+    # MRNs only: names and birth dates are PHI, even fake ones.
+    for _mrn, first, last, born, _sex in (p for ps in demo.CLINICS.values() for p in ps):
+        assert first not in out and last not in out and born not in out
+    assert list(scratch.iterdir()) == []
+
+
+class _BrokenOutput(io.StringIO):
+    """Fails on the second line written, after the server has started."""
+
+    def write(self, text: str) -> int:
+        if self.getvalue():
+            raise BrokenPipeError("reader went away")
+        return super().write(text)
+
+
+def test_demo_removes_its_server_when_it_fails(scratch: Path) -> None:
+    out = _BrokenOutput()
+    with pytest.raises(BrokenPipeError):
+        demo.run(out)
+    assert list(scratch.iterdir()) == []
+    port = int(out.getvalue().rsplit(":", 1)[1])
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0  # nobody listens there any more

@@ -1,0 +1,347 @@
+"""Tenant isolation as PostgreSQL enforces it, seen by `hcrepo_app` through plain psycopg.
+
+One test per tenant table: the tables come from the CREATE TABLE statements of the
+migrations (pytest needs them at collection time, before any server runs), and a catalog
+test fails when the live database holds a table with clinic_id that got no test of its own.
+So a table added later without row-level security fails the suite either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+from uuid import UUID
+
+import psycopg
+import pytest
+from pglast import ast, parse_sql
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+
+from hcrepo import migrate
+from hcrepo.embedded import PostgresServer
+from tests.plugins.database import (
+    Database,
+    FreshDatabase,
+    Seed,
+    migrate_database,
+    rls_problems,
+    tenant_tables,
+)
+from tests.plugins.servers import WaitReplayed
+
+
+def _declared_tenant_tables() -> list[str]:
+    """Tables the forward migrations create with (or later give) a clinic_id column."""
+    tables: set[str] = set()
+    for path in sorted(migrate.migrations_dir().glob("*.sql")):
+        if path.name.endswith(".rollback.sql"):
+            continue
+        for raw in parse_sql(path.read_text()):
+            stmt = raw.stmt
+            if isinstance(stmt, ast.CreateStmt):
+                columns = {e.colname for e in stmt.tableElts or () if isinstance(e, ast.ColumnDef)}
+                parents = {parent.relname for parent in stmt.inhRelations or ()}
+                if "clinic_id" in columns or parents & tables:
+                    tables.add(stmt.relation.relname)
+            elif isinstance(stmt, ast.AlterTableStmt):
+                for cmd in stmt.cmds or ():
+                    column = getattr(cmd, "def_", None)
+                    if isinstance(column, ast.ColumnDef) and column.colname == "clinic_id":
+                        tables.add(stmt.relation.relname)
+            elif isinstance(stmt, ast.DropStmt):
+                for name in stmt.objects or ():
+                    if isinstance(name, tuple | list):
+                        tables.discard(name[-1].sval)
+    return sorted(tables)
+
+
+TENANT_TABLES = _declared_tenant_tables()
+
+
+def _set_clinic(conn: psycopg.Connection[Any], clinic_id: UUID | str | None) -> None:
+    conn.execute(
+        "SELECT set_config('app.clinic_id', %s, true)",
+        ["" if clinic_id is None else str(clinic_id)],
+    )
+
+
+@pytest.fixture
+def app_conn(migrated_db: Database, seeded: Seed) -> Iterator[psycopg.Connection[Any]]:
+    """hcrepo_app, one transaction per test, rolled back at the end."""
+    with psycopg.connect(migrated_db.app_url) as conn:
+        yield conn
+        conn.rollback()
+
+
+@pytest.fixture
+def super_conn(migrated_db: Database) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(migrated_db.superuser_url, autocommit=True) as conn:
+        yield conn
+
+
+# --- one test per tenant table ------------------------------------------------------------
+
+
+def test_migrations_declare_tenant_tables() -> None:
+    assert {"patients", "appointments", "clinic_memberships"} <= set(TENANT_TABLES)
+
+
+@pytest.mark.parametrize("table", TENANT_TABLES)
+def test_tenant_table_is_isolated(
+    table: str,
+    seeded: Seed,
+    app_conn: psycopg.Connection[Any],
+    super_conn: psycopg.Connection[Any],
+) -> None:
+    assert rls_problems(super_conn).get(table, ["missing from the catalog"]) == []
+
+    name = sql.Identifier(table)
+    count = sql.SQL("SELECT count(*), count(*) FILTER (WHERE clinic_id <> %s) FROM {}")
+    for clinic in seeded.clinics:
+        row = super_conn.execute(count.format(name), [clinic.id]).fetchone()
+        assert row is not None
+        everywhere, elsewhere = row
+        expected = everywhere - elsewhere
+        with app_conn.transaction():
+            _set_clinic(app_conn, clinic.id)
+            assert app_conn.execute(count.format(name), [clinic.id]).fetchone() == (expected, 0)
+    with app_conn.transaction():
+        _set_clinic(app_conn, None)
+        assert app_conn.execute(sql.SQL("SELECT count(*) FROM {}").format(name)).fetchone() == (0,)
+
+
+def test_every_tenant_table_in_the_catalog_has_its_own_test(
+    super_conn: psycopg.Connection[Any],
+) -> None:
+    assert set(tenant_tables(super_conn)) - set(TENANT_TABLES) == set()
+
+
+def test_the_checks_catch_a_tenant_table_without_rls(fresh_database: FreshDatabase) -> None:
+    db = fresh_database()
+    migrate_database(db)
+    tenant = "clinic_id = (SELECT NULLIF(current_setting('app.clinic_id', true), '')::uuid)"
+    with psycopg.connect(db.owner_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE rogue_plain (clinic_id uuid NOT NULL)")
+        for table in ("rogue_not_forced", "rogue_loose"):
+            conn.execute(f"CREATE TABLE {table} (clinic_id uuid NOT NULL)")
+            conn.execute(f"CREATE INDEX ON {table} (clinic_id)")
+            conn.execute(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
+            conn.execute(
+                f"CREATE POLICY tenant_isolation ON {table} TO hcrepo_app"
+                f" USING ({tenant}) WITH CHECK ({tenant})"
+            )
+        conn.execute("ALTER TABLE rogue_loose FORCE ROW LEVEL SECURITY")
+        conn.execute("CREATE POLICY peek ON rogue_loose FOR SELECT USING (true)")
+
+        problems = rls_problems(conn)
+        assert set(tenant_tables(conn)) - set(TENANT_TABLES) == {
+            "rogue_plain", "rogue_not_forced", "rogue_loose",
+        }
+
+    assert {table: found for table, found in problems.items() if found} == {
+        "rogue_plain": [
+            "row level security not enabled",
+            "row level security not forced (the owner bypasses it)",
+            "no FOR ALL policy for hcrepo_app",
+            "no index starting with clinic_id",
+        ],
+        "rogue_not_forced": ["row level security not forced (the owner bypasses it)"],
+        "rogue_loose": ["policy peek USING is not the app.clinic_id check"],
+    }
+
+
+# --- what the application role sees and may do -------------------------------------------
+
+
+def test_clinic_sees_only_its_own_patients(seeded: Seed, app_conn: psycopg.Connection[Any]) -> None:
+    for clinic in seeded.clinics:
+        with app_conn.transaction():
+            _set_clinic(app_conn, clinic.id)
+            rows = app_conn.execute("SELECT id FROM patients").fetchall()
+        assert sorted(row[0] for row in rows) == sorted(clinic.patient_ids)
+
+
+@pytest.mark.parametrize("value", ["", None])
+def test_empty_or_reset_context_sees_nothing(
+    value: str | None, seeded: Seed, app_conn: psycopg.Connection[Any]
+) -> None:
+    app_conn.execute("SELECT set_config('app.clinic_id', %s, false)", [str(seeded.a.id)])
+    if value is None:
+        app_conn.execute("RESET app.clinic_id")
+    else:
+        _set_clinic(app_conn, value)
+    assert app_conn.execute("SELECT count(*) FROM patients").fetchone() == (0,)
+
+
+def test_a_malformed_clinic_id_fails_closed(app_conn: psycopg.Connection[Any]) -> None:
+    _set_clinic(app_conn, "not-a-uuid")
+    with pytest.raises(psycopg.errors.InvalidTextRepresentation):
+        app_conn.execute("SELECT count(*) FROM patients")
+
+
+def test_inserting_a_row_for_another_clinic_fails(
+    seeded: Seed, app_conn: psycopg.Connection[Any]
+) -> None:
+    _set_clinic(app_conn, seeded.a.id)
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+        app_conn.execute(
+            "INSERT INTO patients (clinic_id, mrn, first_name, last_name, date_of_birth, sex)"
+            " VALUES (%s, 'rls-insert', 'Not', 'Allowed', '2000-01-01', 'unknown')",
+            [seeded.b.id],
+        )
+
+
+def test_moving_a_row_to_another_clinic_fails(
+    seeded: Seed, app_conn: psycopg.Connection[Any]
+) -> None:
+    _set_clinic(app_conn, seeded.a.id)
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+        app_conn.execute(
+            "UPDATE patients SET clinic_id = %s WHERE id = %s",
+            [seeded.b.id, seeded.a.patient_ids[0]],
+        )
+
+
+def test_another_clinics_rows_cannot_be_changed(
+    seeded: Seed, app_conn: psycopg.Connection[Any]
+) -> None:
+    _set_clinic(app_conn, seeded.a.id)
+    changed = app_conn.execute(
+        "UPDATE patients SET phone = '+1 555 0199' WHERE id = %s", [seeded.b.patient_ids[0]]
+    )
+    assert changed.rowcount == 0
+
+
+def test_another_clinics_patient_cannot_be_referenced(
+    seeded: Seed, app_conn: psycopg.Connection[Any]
+) -> None:
+    # Foreign-key checks bypass RLS; the (clinic_id, patient_id) key is what stops this.
+    _set_clinic(app_conn, seeded.a.id)
+    with pytest.raises(psycopg.errors.ForeignKeyViolation):
+        app_conn.execute(
+            "INSERT INTO appointments (clinic_id, patient_id, provider_id, starts_at, ends_at)"
+            " VALUES (%s, %s, %s, '2032-01-01 09:00Z', '2032-01-01 09:30Z')",
+            [seeded.a.id, seeded.b.patient_ids[0], seeded.a.provider_ids[0]],
+        )
+
+
+def test_a_pooled_connection_forgets_the_clinic(migrated_db: Database, seeded: Seed) -> None:
+    with ConnectionPool(migrated_db.app_url, min_size=1, max_size=1, open=True) as pool:
+        with pool.connection() as conn:
+            _set_clinic(conn, seeded.a.id)
+            first = conn.execute("SELECT pg_backend_pid(), count(*) FROM patients").fetchone()
+        with pool.connection() as conn:
+            second = conn.execute(
+                "SELECT pg_backend_pid(), count(*), current_setting('app.clinic_id', true)"
+                " FROM patients"
+            ).fetchone()
+    assert first is not None and second is not None
+    pid, seen = first
+    assert seen == len(seeded.a.patient_ids)
+    assert second == (pid, 0, "")  # the same server session, no clinic left in it
+
+
+def test_clinics_directory_is_readable_but_only_the_own_clinic_is_writable(
+    seeded: Seed, app_conn: psycopg.Connection[Any]
+) -> None:
+    _set_clinic(app_conn, seeded.a.id)
+    visible = {row[0] for row in app_conn.execute("SELECT id FROM clinics").fetchall()}
+    assert {clinic.id for clinic in seeded.clinics} <= visible
+    rename = "UPDATE clinics SET timezone = 'Europe/Berlin' WHERE id = %s"
+    assert app_conn.execute(rename, [seeded.a.id]).rowcount == 1
+    assert app_conn.execute(rename, [seeded.b.id]).rowcount == 0
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+        app_conn.execute("UPDATE clinics SET id = %s WHERE id = %s", [seeded.b.id, seeded.a.id])
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "ALTER TABLE patients DISABLE ROW LEVEL SECURITY",
+        "ALTER TABLE patients NO FORCE ROW LEVEL SECURITY",
+        "DROP POLICY tenant_isolation ON patients",
+        "ALTER POLICY tenant_isolation ON patients USING (true)",
+        "CREATE POLICY open ON patients FOR SELECT USING (true)",
+        "ALTER TABLE patients OWNER TO hcrepo_app",
+        "SET ROLE hcrepo_owner",
+        "ALTER ROLE hcrepo_app BYPASSRLS",
+        "CREATE TABLE public.sneaky (id int)",
+        "TRUNCATE patients",
+        "DELETE FROM patients",
+        "DELETE FROM encounters",
+        "DELETE FROM clinics",
+        "DROP TABLE patients",
+    ],
+)
+def test_app_role_cannot_lift_isolation(
+    statement: str, seeded: Seed, app_conn: psycopg.Connection[Any]
+) -> None:
+    _set_clinic(app_conn, seeded.a.id)
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        app_conn.execute(statement)
+
+
+def test_row_security_off_is_an_error_not_a_bypass(app_conn: psycopg.Connection[Any]) -> None:
+    app_conn.execute("SET row_security = off")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+        app_conn.execute("SELECT count(*) FROM patients")
+
+
+def test_app_role_is_unprivileged_and_owns_nothing(super_conn: psycopg.Connection[Any]) -> None:
+    role = super_conn.execute(
+        "SELECT rolsuper, rolbypassrls, rolcreaterole, rolcreatedb, rolreplication, rolcanlogin"
+        " FROM pg_roles WHERE rolname = %s",
+        [migrate.APP_ROLE],
+    ).fetchone()
+    assert role == (False, False, False, False, False, True)
+    owned = super_conn.execute(
+        "SELECT count(*) FROM pg_shdepend WHERE deptype = 'o' AND refobjid = %s::regrole",
+        [migrate.APP_ROLE],
+    ).fetchone()
+    assert owned == (0,)
+    memberships = super_conn.execute(
+        "SELECT count(*) FROM pg_auth_members WHERE member = %s::regrole", [migrate.APP_ROLE]
+    ).fetchone()
+    assert memberships == (0,)
+
+
+def test_app_role_has_only_the_table_privileges_it_needs(
+    super_conn: psycopg.Connection[Any],
+) -> None:
+    granted = dict(super_conn.execute(
+        "SELECT table_name, string_agg(privilege_type, ',' ORDER BY privilege_type)"
+        " FROM information_schema.role_table_grants"
+        " WHERE grantee = %s AND table_schema = 'public' GROUP BY table_name",
+        [migrate.APP_ROLE],
+    ).fetchall())
+    never = {"TRUNCATE", "REFERENCES", "TRIGGER"}
+    assert {table: privileges for table, privileges in granted.items()
+            if never & set(privileges.split(",")) or "yoyo" in table} == {}
+    read_write = "INSERT,SELECT,UPDATE"
+    expected = {
+        "clinics": read_write,
+        "users": read_write,
+        "clinic_memberships": "DELETE,INSERT,SELECT,UPDATE",
+        "patients": read_write,
+        "providers": read_write,
+        "appointments": read_write,
+        "encounters": read_write,
+        "prescriptions": read_write,
+    }
+    assert {table: granted.get(table) for table in expected} == expected
+
+
+def test_isolation_holds_on_a_replica(
+    migrated_db: Database,
+    seeded: Seed,
+    pg_replica: PostgresServer,
+    wait_replayed: WaitReplayed,
+) -> None:
+    wait_replayed(pg_replica)
+    with psycopg.connect(migrated_db.replica_app_url(pg_replica)) as conn:
+        assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+        assert conn.execute("SELECT count(*) FROM patients").fetchone() == (0,)
+        _set_clinic(conn, seeded.b.id)
+        rows = conn.execute("SELECT id FROM patients").fetchall()
+    assert sorted(row[0] for row in rows) == sorted(seeded.b.patient_ids)
