@@ -134,18 +134,15 @@ def _compile(block: _Block, path: str) -> SqlQuery:
         return SqlFileError(message, path=path, line=line, column=column, query=block.name)
 
     order_by = _order_by_directive(block, fail)
-    params, rewritten, order_slot = _rewrite_params(block, order_by, fail)
+    params, rewritten, order_slot, layout = _rewrite_params(block, order_by, fail)
     body = rewritten.strip().rstrip(";").strip()
     if not _has_code(body):
         raise fail("empty query block", block.line, 1)
-    parse_text = body
-    if order_by is not None and order_slot is not None:
-        parse_text = body.replace(order_slot, _quote(order_by.columns[0]))
     try:
-        statements = parser.parse_sql(parse_text)
+        statements = parser.parse_sql(layout)
     except parser.ParseError as exc:
         message, offset = exc.args[0], exc.args[1] if len(exc.args) > 1 else 0
-        line, column = _position(rewritten, _leading_offset(rewritten, body) + int(offset))
+        line, column = _position(block.body, int(offset))
         raise fail(f"syntax error: {message}", block.body_line + line, column) from None
     if len(statements) != 1:
         raise fail(f"one statement per block, found {len(statements)}", block.body_line, 1)
@@ -188,38 +185,49 @@ def _compile(block: _Block, path: str) -> SqlQuery:
 
 def _rewrite_params(
     block: _Block, order_by: OrderBy | None, fail: Any
-) -> tuple[tuple[str, ...], str, str | None]:
-    """Replace `:name` with `$n` using PostgreSQL's lexer; return names in `$n` order."""
-    raw = block.body.encode("utf-8")
+) -> tuple[tuple[str, ...], str, str | None, str]:
+    """Replace `:name` with `$n` using PostgreSQL's lexer; return names in `$n` order.
+
+    Also returns the layout: the body with each parameter replaced by text of the same length
+    (`$1`, or a column for the ORDER BY slot), which parses like the statement and keeps
+    every error position where it is in the file. pglast counts characters, not bytes.
+    """
+    text = block.body
     try:
-        tokens = parser.scan(block.body)
+        tokens = parser.scan(text)
     except parser.ParseError as exc:
-        line, column = _position(block.body, int(exc.args[1]) if len(exc.args) > 1 else 0)
+        line, column = _position(text, int(exc.args[1]) if len(exc.args) > 1 else 0)
         raise fail(f"cannot tokenize: {exc.args[0]}", block.body_line + line, column) from None
     order_slot = "__hcrepo_order_by__"
     names: list[str] = []
-    pieces: list[bytes] = []
+    pieces: list[str] = []
+    layout: list[str] = []
     copied = 0
     for colon, word in itertools.pairwise(tokens):
-        if raw[colon.start : colon.end + 1] != b":" or word.start != colon.end + 1:
+        if text[colon.start : colon.end + 1] != ":" or word.start != colon.end + 1:
             continue
-        name = raw[word.start : word.end + 1].decode("utf-8")
+        name = text[word.start : word.end + 1]
         if not _IDENTIFIER.match(name):
             continue
-        pieces.append(raw[copied : colon.start])
+        pieces.append(text[copied : colon.start])
+        layout.append(text[copied : colon.start])
+        width = word.end + 1 - colon.start
         if order_by is not None and name == order_by.param:
-            pieces.append(order_slot.encode())
+            pieces.append(order_slot)
+            layout.append("x".ljust(width))
         else:
             if name not in names:
                 names.append(name)
-            pieces.append(f"${names.index(name) + 1}".encode())
+            pieces.append(f"${names.index(name) + 1}")
+            layout.append("$1".ljust(width))
         copied = word.end + 1
-    pieces.append(raw[copied:])
-    rewritten = b"".join(pieces).decode("utf-8")
+    pieces.append(text[copied:])
+    layout.append(text[copied:])
+    rewritten = "".join(pieces)
     if order_by is not None and order_slot not in rewritten:
         line = block.directives["order_by"][1]
         raise fail(f"order_by parameter :{order_by.param} does not appear in the SQL", line, 1)
-    return tuple(names), rewritten, order_slot if order_by is not None else None
+    return tuple(names), rewritten, order_slot if order_by is not None else None, "".join(layout)
 
 
 def _order_by_directive(block: _Block, fail: Any) -> OrderBy | None:
@@ -316,12 +324,8 @@ def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
 
-def _leading_offset(full: str, stripped: str) -> int:
-    return full.find(stripped) if stripped else 0
-
-
 def _position(text: str, offset: int) -> tuple[int, int]:
-    """Zero-based line and one-based column of a byte offset (PostgreSQL's lexer counts bytes)."""
-    before = text.encode("utf-8")[:offset].decode("utf-8", errors="ignore")
+    """Zero-based line and one-based column of a character offset into `text`."""
+    before = text[:offset]
     line = before.count("\n")
     return line, offset - (before.rfind("\n") + 1) + 1
