@@ -1,0 +1,63 @@
+"""Prometheus metrics of hcrepo, in one registry of its own (`REGISTRY`).
+
+Labels are query names and fixed words chosen by hcrepo, never argument or row values:
+nothing a caller passes can reach a label (invariant 7). Expose with
+`prometheus_client.generate_latest(hcrepo.metrics.REGISTRY)`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+# --- cache (hcrepo.cache) -----------------------------------------------------------------
+
+CACHE_HITS = Counter(
+    "hcrepo_cache_hits", "Cached reads answered from Redis with a fresh value",
+    ["query"], registry=REGISTRY,
+)
+CACHE_MISSES = Counter(
+    "hcrepo_cache_misses", "Cached reads that found no valid value and read the database",
+    ["query"], registry=REGISTRY,
+)
+CACHE_STALE = Counter(
+    "hcrepo_cache_stale", "Reads answered with a value past its soft TTL while it is refreshed",
+    ["query"], registry=REGISTRY,
+)
+CACHE_REFRESHES = Counter(
+    "hcrepo_cache_refreshes", "Background refreshes of stale values started",
+    ["query"], registry=REGISTRY,
+)
+CACHE_COALESCED = Counter(
+    "hcrepo_cache_coalesced",
+    "Misses that waited for another caller's database read instead of running their own",
+    ["query", "via"], registry=REGISTRY,
+)
+CACHE_ERRORS = Counter(
+    "hcrepo_cache_errors",
+    "Redis failures and unreadable entries; the read was answered from the database",
+    ["query", "kind"], registry=REGISTRY,
+)
+CACHE_BYPASSED = Counter(
+    "hcrepo_cache_bypassed",
+    "Cached reads sent straight to the database (Redis unavailable, invalidation pending, "
+    "PHI without an encryption key, replica lag window)",
+    ["query", "reason"], registry=REGISTRY,
+)
+CACHE_BYTES = Counter(
+    "hcrepo_cache_bytes", "Bytes of cache entries read from and written to Redis",
+    ["query", "direction"], registry=REGISTRY,
+)
+CACHE_INVALIDATION_FAILURES = Counter(
+    "hcrepo_cache_invalidation_failures",
+    "Invalidations that could not reach Redis and were queued for retry", registry=REGISTRY,
+)
+CACHE_PENDING_INVALIDATIONS = Gauge(
+    "hcrepo_cache_pending_invalidations",
+    "Tags whose invalidation is queued for retry in this process", registry=REGISTRY,
+)
+CACHE_BREAKERS_OPEN = Gauge(
+    "hcrepo_cache_breakers_open", "Redis circuit breakers of caches in this process now open",
+    registry=REGISTRY,
+)
