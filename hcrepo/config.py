@@ -7,11 +7,20 @@ Every validation failure is re-raised as `ConfigError` naming the environment va
 
 from __future__ import annotations
 
+import base64
+import binascii
 from enum import StrEnum
 from typing import Annotated, Any, Self
 
 from psycopg.conninfo import conninfo_to_dict
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from hcrepo.errors import ConfigError
@@ -26,6 +35,17 @@ class RoutingPolicy(StrEnum):
 def _setting(name: str, default: Any = ..., **constraints: Any) -> Any:
     """A field read from exactly the environment variable `name` (no prefix magic)."""
     return Field(default, validation_alias=AliasChoices(name), alias=name, **constraints)
+
+
+def cache_key_bytes(text: str) -> bytes:
+    """HCREPO_CACHE_ENCRYPTION_KEY: base64 (standard or URL-safe) of a 16, 24 or 32 byte key."""
+    try:
+        raw = base64.b64decode(text.strip().replace("-", "+").replace("_", "/"), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("must be base64 of a 16, 24 or 32 byte AES key") from None
+    if len(raw) not in (16, 24, 32):
+        raise ValueError(f"decodes to {len(raw)} bytes; an AES key has 16, 24 or 32")
+    return raw
 
 
 def _check_url(value: str) -> str:
@@ -73,8 +93,14 @@ class Settings(BaseSettings):
                                  "emergency": 60},
     )
     cache_key_prefix: str = _setting("HCREPO_CACHE_PREFIX", "hc", min_length=1)
-    cache_encryption_key: str | None = _setting("HCREPO_CACHE_ENCRYPTION_KEY", None)
+    cache_encryption_key: SecretStr | None = _setting("HCREPO_CACHE_ENCRYPTION_KEY", None)
     cache_socket_timeout: float = _setting("HCREPO_CACHE_SOCKET_TIMEOUT", 0.25, gt=0)
+    # Past ratio x TTL a value is stale: served while one caller refreshes it in the background.
+    cache_soft_ttl_ratio: float = _setting("HCREPO_CACHE_SOFT_TTL_RATIO", 0.8, gt=0, le=1)
+    # How long one caller may hold a key's fill lock, and how long others wait for it.
+    cache_lock_timeout: float = _setting("HCREPO_CACHE_LOCK_TIMEOUT", 2.0, gt=0)
+    # Probabilistic early refresh (XFetch); 0 turns it off.
+    cache_xfetch_beta: float = _setting("HCREPO_CACHE_XFETCH_BETA", 1.0, ge=0)
 
     slow_query_threshold_ms: float = _setting("SLOW_QUERY_THRESHOLD", 500.0, ge=0)
     audit_retention_days: int = _setting("AUDIT_RETENTION_DAYS", 2555, ge=1)
@@ -108,6 +134,30 @@ class Settings(BaseSettings):
     def _redis_url(cls, value: str) -> str:
         if value and not value.startswith(("redis://", "rediss://", "unix://", "redis+cluster://")):
             raise ValueError("must start with redis://, rediss://, unix:// or redis+cluster://")
+        return value
+
+    @field_validator("cache_ttl_presets")
+    @classmethod
+    def _ttl_presets(cls, value: dict[str, int]) -> dict[str, int]:
+        bad = sorted(name for name, seconds in value.items() if seconds <= 0)
+        if bad:
+            raise ValueError(f"TTLs must be positive seconds (check {', '.join(bad)})")
+        return value
+
+    @field_validator("cache_key_prefix")
+    @classmethod
+    def _cache_prefix(cls, value: str) -> str:
+        # Braces would change the Redis Cluster hash tag hcrepo puts in every key.
+        if any(c in value for c in "{} \t\r\n"):
+            raise ValueError("must not contain braces or whitespace")
+        return value
+
+    @field_validator("cache_encryption_key")
+    @classmethod
+    def _cache_encryption_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        cache_key_bytes(value.get_secret_value())
         return value
 
     @model_validator(mode="after")
