@@ -1,0 +1,207 @@
+"""`hcrepo check` against live databases: clean on the migrated schema, loud on drift."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from uuid import UUID
+
+import psycopg
+import pytest
+from pydantic import BaseModel
+
+from hcrepo import Repository, migrate, query
+from hcrepo.check import Finding, repositories, run_check
+from hcrepo.healthcare import PatientRepository, PrescriptionRepository, ProviderRepository
+from tests.plugins.database import Database as ServerDatabase
+from tests.plugins.database import FreshDatabase, migrate_database
+
+ROOT = Path(__file__).resolve().parents[1]
+SQL = Path(__file__).parent / "sql" / "check.sql"
+
+
+class Named(BaseModel):
+    id: UUID
+    name: str
+
+
+class ClinicZone(BaseModel):
+    id: UUID
+    name: str
+    timezone: str
+
+
+class Lint(Repository, sql="sql/check.sql", tenant=False):
+    @query("select_star")
+    def select_star(self, *, limit: int) -> list[Named]: ...
+
+    @query("list_without_limit")
+    def list_without_limit(self) -> list[Named]: ...
+
+    @query("stream_without_limit")
+    def stream_without_limit(self) -> Iterator[Named]: ...
+
+    @query("scalar_of_the_wrong_type")
+    def scalar_of_the_wrong_type(self, *, id: UUID) -> int: ...
+
+    @query("delete_without_privilege")
+    def delete_without_privilege(self, *, id: UUID) -> int: ...
+
+    @query("missing_column")
+    def missing_column(self) -> list[Named]: ...
+
+    @query("model_mismatch")
+    def model_mismatch(self) -> ClinicZone | None: ...
+
+    @query("parameter_of_the_wrong_type")
+    def parameter_of_the_wrong_type(self, *, id: int) -> Named | None: ...
+
+    @query("tenant_table_without_tenant")
+    def tenant_table_without_tenant(self) -> int: ...
+
+
+class LintSubclass(Lint):
+    """Found by the recursive walk, but has no plans of its own to check twice."""
+
+
+class NestedLint(LintSubclass, sql="sql/check.sql"):
+    @query("list_without_limit")
+    def again(self) -> list[Named]: ...
+
+
+def check_cli(url: str) -> subprocess.CompletedProcess[str]:
+    """The command in a process of its own: only hcrepo's repositories are loaded there."""
+    return subprocess.run(
+        [sys.executable, "-c", f"from hcrepo.check import main; raise SystemExit(main({url!r}))"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+def shipped() -> list[type[Repository]]:
+    return [cls for cls in repositories() if cls.__module__.startswith("hcrepo.")]
+
+
+def line_of(text: str) -> int:
+    return SQL.read_text().splitlines().index(text) + 1
+
+
+def messages(findings: list[Finding], severity: str = "error") -> list[str]:
+    return [f.message for f in findings if f.severity == severity]
+
+
+def test_discovery_walks_subclasses_recursively() -> None:
+    found = repositories()
+    assert Lint in found and NestedLint in found and LintSubclass not in found
+    assert PatientRepository in found
+
+
+def test_the_shipped_repositories_check_clean(migrated_db: ServerDatabase) -> None:
+    assert [str(f) for f in run_check(migrated_db.app_url, shipped())] == []
+
+
+def test_lints_and_mismatches(migrated_db: ServerDatabase) -> None:
+    findings = run_check(migrated_db.app_url, [Lint])
+    by_query = {f.message.split(":")[0].split(".")[1]: f for f in findings}
+    errors, warnings = messages(findings), messages(findings, "warning")
+    assert "Lint.select_star: SELECT * (the result changes when the table does; name columns)" \
+        in warnings
+    assert any(m.startswith("Lint.select_star: column specialty is not a field of Named")
+               for m in errors)
+    assert "Lint.list_without_limit: list query without LIMIT: add LIMIT :limit or return an " \
+        "Iterator" in warnings
+    assert not any("stream_without_limit" in m for m in errors + warnings)
+    assert "Lint.scalar_of_the_wrong_type: column name is text (str) but the int result is int" \
+        in errors
+    assert "Lint.delete_without_privilege: the connected role has no DELETE privilege on " \
+        "patients" in errors
+    assert "Lint.model_mismatch: column zone is not a field of ClinicZone" in errors
+    assert "Lint.model_mismatch: ClinicZone.timezone has no column in the result" in errors
+    assert "Lint.parameter_of_the_wrong_type: parameter :id is uuid (UUID) but the signature " \
+        "says int" in warnings
+    assert "Lint.tenant_table_without_tenant: reads tenant table patients but the repository " \
+        "is tenant=False: calls without a clinic see no rows" in warnings
+    # A statement that does not prepare is reported at the line PostgreSQL points at.
+    missing = by_query["missing_column"]
+    assert missing.message == (
+        'Lint.missing_column: does not prepare: 42703 column "no_such_column" does not exist')
+    assert (missing.path, missing.line) == (str(SQL.resolve()), line_of("       no_such_column"))
+    assert by_query["select_star"].line == line_of("-- name: select_star")
+
+
+def test_superuser_connection_is_flagged(migrated_db: ServerDatabase) -> None:
+    findings = run_check(migrated_db.superuser_url, [PatientRepository])
+    assert [(f.path, f.severity) for f in findings] == [("<database>", "warning")]
+    assert "bypasses row-level security" in findings[0].message
+
+
+@pytest.fixture
+def drifted(fresh_database: FreshDatabase) -> ServerDatabase:
+    db = fresh_database()
+    migrate_database(db)
+    return db
+
+
+def test_a_renamed_column_fails_the_check(drifted: ServerDatabase, tmp_path: Path) -> None:
+    source = tmp_path / "migrations"
+    shutil.copytree(migrate.migrations_dir(), source)
+    (source / "9999_rename_phone.sql").write_text(
+        "-- depends: \nALTER TABLE patients RENAME COLUMN phone TO phone_number;\n"
+    )
+    assert migrate.apply(drifted.owner_url, setting="owner URL", source=source) == [
+        "9999_rename_phone"]
+
+    findings = run_check(drifted.app_url, shipped())
+    errors = [f for f in findings if f.severity == "error"]
+    patients_sql = migrate.migrations_dir().parent / "sql" / "patients.sql"
+    # Each query using the column fails at the first line that names it.
+    first_use: dict[str, int] = {}
+    block = ""
+    for number, text in enumerate(patients_sql.read_text().splitlines(), start=1):
+        block = text.removeprefix("-- name: ") if text.startswith("-- name: ") else block
+        if "phone" in text:
+            first_use.setdefault(block, number)
+    assert len(first_use) == 5
+    assert sorted(f.line for f in errors) == sorted(first_use.values())
+    assert {f.path for f in errors} == {str(patients_sql)}
+    assert all(f.message.endswith(('column "phone" does not exist',
+                                   'column "phone" of relation "patients" does not exist'))
+               for f in errors)
+
+    result = check_cli(drifted.app_url)
+    assert result.returncode == 1
+    assert f"sql/patients.sql:{first_use['get_patient']}: error: PatientRepository.get: " \
+        'does not prepare: 42703 column "phone" does not exist' in result.stdout.splitlines()
+
+
+def test_schema_drift_in_types_nullability_and_row_level_security(
+    drifted: ServerDatabase,
+) -> None:
+    with psycopg.connect(drifted.owner_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE prescriptions NO FORCE ROW LEVEL SECURITY")
+        conn.execute("ALTER TABLE patients ALTER COLUMN mrn DROP NOT NULL")
+        conn.execute("ALTER TABLE providers ALTER COLUMN npi TYPE bigint USING npi::bigint")
+    findings = run_check(drifted.app_url, [PrescriptionRepository, PatientRepository,
+                                           ProviderRepository])
+    errors = messages(findings)
+    assert "PrescriptionRepository.get: tenant table prescriptions does not force row level " \
+        "security (its owner bypasses the policies)" in errors
+    assert "PatientRepository.timeline: tenant table prescriptions does not force row level " \
+        "security (its owner bypasses the policies)" in errors
+    assert "PatientRepository.get: column mrn (patients.mrn) may be NULL but Patient.mrn is " \
+        "not Optional" in errors
+    assert "ProviderRepository.get: column npi is bigint (int) but Provider.npi is str | None" \
+        in errors
+    with psycopg.connect(drifted.owner_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE prescriptions DISABLE ROW LEVEL SECURITY")
+    errors = messages(run_check(drifted.app_url, [PrescriptionRepository]))
+    assert "PrescriptionRepository.get: tenant table prescriptions does not enable row level " \
+        "security" in errors
+
+
+def test_the_command_exits_zero_on_a_clean_database(migrated_db: ServerDatabase) -> None:
+    result = check_cli(migrated_db.app_url)
+    assert (result.returncode, result.stdout) == (0, "")
+    assert "0 errors, 0 warnings" in result.stderr
