@@ -1,0 +1,217 @@
+"""The SQL file compiler: parameters, directives, read/write from the parse tree, errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from hcrepo import Database, Repository, Settings, SqlFileError, query
+from hcrepo.sqlfile import SqlQuery, load, parse
+from tests.plugins.database import Database as ServerDatabase
+
+EDGE = Path(__file__).parent / "sql" / "parsing.sql"
+
+
+class EdgeRow(BaseModel):
+    cast_value: int
+    quoted: str
+    escaped: str
+    dollar: str
+    tagged: str
+    accented: str
+    like_match: bool
+    modulo: int
+    slice: list[int]
+    named_argument: timedelta
+    quoted_identifier: str
+
+
+class Parsing(Repository, sql="sql/parsing.sql", tenant=False):
+    @query("edge_cases")
+    def edge_cases(self, *, x: int, word: str) -> EdgeRow: ...
+
+
+@pytest.fixture(scope="module")
+def db(migrated_db: ServerDatabase) -> Iterator[Database]:
+    with Database(Settings(database_url=migrated_db.app_url, pool_min=1, pool_max=2)) as database:
+        yield database
+
+
+def one(text: str) -> SqlQuery:
+    (found,) = parse(text, "f.sql").values()
+    return found
+
+
+def error(text: str) -> SqlFileError:
+    with pytest.raises(SqlFileError) as caught:
+        parse(text, "f.sql")
+    return caught.value
+
+
+# --- parameters -----------------------------------------------------------------------------
+
+
+def test_only_real_parameters_are_rewritten() -> None:
+    edge = load(EDGE.resolve())["edge_cases"]
+    assert edge.params == ("x", "word")
+    sql = edge.sql
+    assert sql.startswith("/* hcrepo:edge_cases */ -- Comment with :not_a_param")
+    for kept in ("$1::int AS cast_value", "':y' AS quoted", r"E'it\'s :z'", "$$ :w $$",
+                 "$tag$ :q $$ $tag$", "'é' || $2", "/* :cc /* nested :n */ */",
+                 "'%' || $2 || '%'", "7 % 3", "[2:3]", "make_interval(days := $1)",
+                 '":quoted" AS quoted_identifier -- :trailing', "WHERE $1 = $1"):
+        assert kept in sql, kept
+    assert ":x" not in sql and ":word" not in sql
+
+
+def test_the_rewrite_runs_as_written(db: Database) -> None:
+    row = Parsing(db).edge_cases(x=2, word="b")
+    assert row == EdgeRow(
+        cast_value=2, quoted=":y", escaped="it's :z", dollar=" :w ", tagged=" :q $$ ",
+        accented="éb", like_match=True, modulo=1, slice=[2, 3],
+        named_argument=timedelta(days=2), quoted_identifier="abc",
+    )
+
+
+def test_a_repeated_parameter_is_sent_once() -> None:
+    q = one("-- name: q\nSELECT :a, :b, :a, :a::text")
+    assert q.params == ("a", "b")
+    assert q.sql == "/* hcrepo:q */ SELECT $1, $2, $1, $1::text"
+
+
+def test_lists_and_optional_filters_are_plain_parameters() -> None:
+    q = one("-- name: q\nSELECT id FROM t WHERE id = ANY(:ids) AND (:x::int IS NULL OR x = :x)")
+    assert q.params == ("ids", "x")
+    assert "id = ANY($1) AND ($2::int IS NULL OR x = $2)" in q.sql
+
+
+# --- directives -----------------------------------------------------------------------------
+
+
+def test_directives() -> None:
+    q = one(
+        "-- name: q\n-- timeout: 1.5s\n-- max_page: 20\n-- order_by: sort = a, b\n"
+        "SELECT a, b FROM t ORDER BY :sort, id LIMIT :limit"
+    )
+    assert (q.timeout_ms, q.max_page, q.params, q.has_limit) == (1500, 20, ("limit",), True)
+    assert q.order_by is not None and q.order_by.columns == ("a", "b")
+    assert q.variants["-b"] == '/* hcrepo:q */ SELECT a, b FROM t ORDER BY "b" DESC, id LIMIT $1'
+    assert set(q.variants) == {"a", "-a", "b", "-b"}
+    assert one("-- name: q\n-- timeout: 250ms\nSELECT 1").timeout_ms == 250
+    assert one("-- name: q\n-- timeout: 2min\nSELECT 1").timeout_ms == 120_000
+
+
+def test_comments_and_blank_lines_around_blocks() -> None:
+    queries = parse(
+        "-- File header: comments before the first block are fine.\n\n"
+        "-- name: a\nSELECT 1;\n\n\n-- name: b\n-- A description, not a directive.\nSELECT 2\n",
+        "f.sql",
+    )
+    assert [(q.name, q.line) for q in queries.values()] == [("a", 3), ("b", 7)]
+    assert queries["a"].sql == "/* hcrepo:a */ SELECT 1"
+
+
+# --- read or write, from the parse tree -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sql", "is_write", "returns_rows"),
+    [
+        ("SELECT id FROM t", False, True),
+        ("SELECT id FROM t UNION ALL SELECT id FROM u", False, True),
+        ("VALUES (1), (2)", False, True),
+        ("WITH x AS (SELECT id FROM t) SELECT id FROM x", False, True),
+        ("SELECT id FROM t FOR UPDATE", True, True),
+        ("SELECT id FROM t FOR SHARE SKIP LOCKED", True, True),
+        ("WITH gone AS (DELETE FROM t RETURNING id) SELECT id FROM gone", True, True),
+        ("WITH n AS (INSERT INTO t DEFAULT VALUES RETURNING id) SELECT id FROM n", True, True),
+        ("WITH u AS (UPDATE t SET a = 1 RETURNING id) SELECT 1 UNION SELECT id FROM u",
+         True, True),
+        ("SELECT id INTO new_table FROM t", True, False),
+        ("INSERT INTO t (a) VALUES (1) RETURNING id", True, True),
+        ("INSERT INTO t (a) VALUES (1)", True, False),
+        ("UPDATE t SET a = 1", True, False),
+        ("DELETE FROM t WHERE id = 1 RETURNING id", True, True),
+        ("SELECT pg_sleep(0) -- select", False, True),
+    ],
+)
+def test_read_or_write(sql: str, is_write: bool, returns_rows: bool) -> None:
+    q = one(f"-- name: q\n{sql}")
+    assert (q.is_write, q.returns_rows) == (is_write, returns_rows)
+
+
+def test_kind_write_forces_a_select_to_the_primary() -> None:
+    assert one("-- name: q\n-- kind: write\nSELECT nextval('s')").is_write
+
+
+def test_tables_star_and_limit_are_recorded() -> None:
+    q = one("-- name: q\nSELECT * FROM a JOIN public.b ON true WHERE x IN (SELECT y FROM c)")
+    assert q.tables == {"a", "public.b", "c"}
+    assert q.select_star and not q.has_limit
+    assert not one("-- name: q\nSELECT a.x FROM a LIMIT 5").select_star
+    assert one("-- name: q\nSELECT t.* FROM t").select_star
+
+
+# --- every SqlFileError names file, line, column and query ----------------------------------
+
+
+def test_syntax_error_points_at_file_line_and_column() -> None:
+    text = ("-- name: ok\nSELECT 1\n\n-- name: broken\n-- timeout: 1s\n"
+            "SELECT :long_parameter_name, 'é', id,\n  FROM t\n")
+    found = error(text)
+    assert (found.path, found.line, found.column, found.query) == ("f.sql", 7, 3, "broken")
+    assert str(found) == 'f.sql:7:3 [broken]: syntax error: syntax error at or near "FROM"'
+
+
+def test_unterminated_string_is_a_tokenizer_error() -> None:
+    found = error("-- name: q\nSELECT 'é', 'abc\n")
+    assert (found.line, found.column) == (2, 13)
+    assert "unterminated quoted string" in str(found)
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        ("-- name: e\n-- only a comment\n\n-- name: f\nSELECT 1", 1, "empty query block"),
+        ("-- name: e\n", 1, "empty query block"),
+        ("-- name: two\nSELECT 1; SELECT 2", 2, "one statement per block, found 2"),
+        ("-- name: a\nSELECT 1\n-- name: a\nSELECT 2", 3,
+         "duplicate query name (first defined at line 1)"),
+        ("-- name: a\n-- retries: 3\nSELECT 1", 2,
+         "unknown directive 'retries' (known: kind, max_page, order_by, timeout)"),
+        ("-- name: a\n-- order_by: sort last_name\nSELECT 1", 2,
+         "order_by must read '<param> = <column>, <column>, ...'"),
+        ("-- name: a\n-- order_by: sort = last name\nSELECT 1", 2,
+         "order_by column 'last name' is not a plain identifier"),
+        ('-- name: a\n-- order_by: sort = "x"\nSELECT 1', 2,
+         "order_by column '\"x\"' is not a plain identifier"),
+        ("-- name: a\n-- order_by: sort = a\nSELECT 1 ORDER BY id", 2,
+         "order_by parameter :sort does not appear in the SQL"),
+        ("-- name: a\n-- timeout: 2 hours\nSELECT 1", 2,
+         "timeout must look like 500ms, 2s or 1min"),
+        ("-- name: a\n-- timeout: 0ms\nSELECT 1", 2, "timeout must be positive"),
+        ("-- name: a\n-- max_page: lots\nSELECT 1", 2, "max_page must be a positive integer"),
+        ("-- name: a\n-- kind: maybe\nSELECT 1", 2, "kind must be 'read' or 'write'"),
+        ("-- name: a\n-- kind: read\nDELETE FROM t", 2, "kind: read on a statement that writes"),
+        ("-- name: Bad-Name\nSELECT 1", 1, "query name must be a lower-case identifier"),
+    ],
+)
+def test_file_errors(text: str, line: int, message: str) -> None:
+    found = error(text)
+    assert found.line == line
+    assert str(found).endswith(": " + message)
+    assert str(found).startswith(f"f.sql:{line}")
+
+
+def test_sql_before_the_first_block() -> None:
+    assert str(error("SELECT 1\n-- name: a\nSELECT 1")) == (
+        "f.sql:1:1: SQL before the first '-- name:' line")
+
+
+def test_a_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(SqlFileError, match=r"missing\.sql:1: cannot read SQL file"):
+        load(tmp_path / "missing.sql")
