@@ -31,6 +31,7 @@ from pydantic import BaseModel
 
 from hcrepo import sqlfile
 from hcrepo.config import Settings
+from hcrepo.errors import ConfigError
 from hcrepo.migrate import _connect
 from hcrepo.repository import Plan, Repository
 from hcrepo.results import Many, OneOrNone, Stream
@@ -87,7 +88,10 @@ def repositories(modules: Iterable[str] = ()) -> list[type[Repository]]:
     """Every loaded Repository subclass bound to a SQL file, after importing `modules`
     (hcrepo.healthcare always)."""
     for name in ("hcrepo.healthcare", *modules):
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            raise ConfigError("--module", f"cannot import {name} ({exc.msg})") from None
     found: list[type[Repository]] = []
     pending = list(Repository.__subclasses__())
     while pending:
@@ -98,10 +102,13 @@ def repositories(modules: Iterable[str] = ()) -> list[type[Repository]]:
     return found
 
 
-def run_check(url: str, classes: Iterable[type[Repository]] | None = None) -> list[Finding]:
-    """Check `classes` (default: every loaded repository) against the database at `url`."""
+def run_check(
+    url: str, classes: Iterable[type[Repository]] | None = None, *, setting: str = "--database"
+) -> list[Finding]:
+    """Check `classes` (default: every loaded repository) against the database at `url`;
+    a connection failure is a ConfigError naming `setting`, where the URL came from."""
     targets = repositories() if classes is None else list(classes)
-    with _connect(url, "--database", autocommit=True) as conn:
+    with _connect(url, setting, autocommit=True) as conn:
         checker = _Checker(conn)
         for cls in targets:
             for attribute, plan in cls.__plans__.items():
@@ -111,9 +118,12 @@ def run_check(url: str, classes: Iterable[type[Repository]] | None = None) -> li
 
 def main(database: str | None = None, modules: Sequence[str] = ()) -> int:
     """The CLI: print every finding as `file:line: severity: message`; 1 on any error."""
-    url = database if database is not None else Settings.load().database_url
+    if database is not None:
+        url, setting = database, "--database"
+    else:
+        url, setting = Settings.load().database_url, "DATABASE_URL"
     classes = repositories(modules)
-    findings = run_check(url, classes)
+    findings = run_check(url, classes, setting=setting)
     cwd = Path.cwd()
     for finding in findings:
         path = Path(finding.path)

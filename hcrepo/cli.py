@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from hcrepo import demo, migrate
+from hcrepo import check, demo, migrate
 from hcrepo.config import Settings
 from hcrepo.errors import ConfigError, HcrepoError
 
@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hcrepo", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     _add_migrate(commands)
+    _add_check(commands)
     _add_demo(commands)
     return parser
 
@@ -65,6 +66,21 @@ def _add_migrate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     how_many.add_argument("--count", type=_positive, metavar="N", help="how many (default 1)")
     how_many.add_argument("--all", action="store_true", help="roll back every migration")
     rollback.set_defaults(command=_migrate_rollback)
+
+
+def _add_check(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    check_parser = commands.add_parser(
+        "check",
+        help="prepare every repository query on a live database and compare it with its model",
+        description="Connects through --database, else DATABASE_URL (the application role). "
+        "Prints file:line: severity: message per finding; exits 1 on any error.",
+    )
+    check_parser.add_argument("--database", metavar="URL", help="application role URL")
+    check_parser.add_argument(
+        "--module", action="append", default=[], metavar="NAME",
+        help="import NAME so that its repositories are checked too (repeatable)",
+    )
+    check_parser.set_defaults(command=lambda args: check.main(args.database, args.module))
 
 
 def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

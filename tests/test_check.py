@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -72,10 +73,12 @@ class NestedLint(LintSubclass, sql="sql/check.sql"):
     def again(self) -> list[Named]: ...
 
 
-def check_cli(url: str) -> subprocess.CompletedProcess[str]:
-    """The command in a process of its own: only hcrepo's repositories are loaded there."""
+def check_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`hcrepo check` as a user runs it: its own process (only hcrepo's repositories loaded
+    unless --module says otherwise) and a clean environment."""
+    clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, "-c", f"from hcrepo.check import main; raise SystemExit(main({url!r}))"],
+        [sys.executable, "-m", "hcrepo", "check", *args], env={**clean, **(env or {})},
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
     )
 
@@ -170,7 +173,7 @@ def test_a_renamed_column_fails_the_check(drifted: ServerDatabase, tmp_path: Pat
                                    'column "phone" of relation "patients" does not exist'))
                for f in errors)
 
-    result = check_cli(drifted.app_url)
+    result = check_cli("--database", drifted.app_url)
     assert result.returncode == 1
     assert f"sql/patients.sql:{first_use['get_patient']}: error: PatientRepository.get: " \
         'does not prepare: 42703 column "phone" does not exist' in result.stdout.splitlines()
@@ -202,6 +205,26 @@ def test_schema_drift_in_types_nullability_and_row_level_security(
 
 
 def test_the_command_exits_zero_on_a_clean_database(migrated_db: ServerDatabase) -> None:
-    result = check_cli(migrated_db.app_url)
+    result = check_cli(env={"DATABASE_URL": migrated_db.app_url})
     assert (result.returncode, result.stdout) == (0, "")
-    assert "0 errors, 0 warnings" in result.stderr
+    assert result.stderr.endswith(" queries, 0 errors, 0 warnings\n")
+
+
+def test_the_command_checks_the_modules_it_is_given(migrated_db: ServerDatabase) -> None:
+    result = check_cli("--database", migrated_db.app_url, "--module", "tests.test_check")
+    assert result.returncode == 1
+    assert "tests/sql/check.sql:" in result.stdout
+    assert "sql/patients.sql" not in result.stdout
+
+
+def test_the_command_names_the_setting_it_cannot_use() -> None:
+    result = check_cli()
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == "hcrepo: DATABASE_URL: is required but not set\n"
+    result = check_cli("--database", "postgresql://app:s3cret@127.0.0.1:1/x")
+    assert result.returncode == 2
+    assert result.stderr.startswith("hcrepo: --database: cannot connect")
+    assert "s3cret" not in result.stderr
+    result = check_cli("--database", "postgresql:///x", "--module", "no.such.module")
+    assert (result.returncode, result.stderr) == (
+        2, "hcrepo: --module: cannot import no.such.module (No module named 'no')\n")
