@@ -21,7 +21,7 @@ import typing
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 
 import psycopg
 from pglast import ast, parser, visitors
@@ -136,6 +136,10 @@ def main(database: str | None = None, modules: Sequence[str] = ()) -> int:
     return 1 if errors else 0
 
 
+class _Report(Protocol):
+    def __call__(self, severity: Severity, message: str, line: int | None = None) -> None: ...
+
+
 class _Column(NamedTuple):
     name: str
     type_oid: int
@@ -242,7 +246,7 @@ class _Checker:
 
     # -- result columns --------------------------------------------------------------------
 
-    def _compare_result(self, plan: Plan, columns: list[_Column], report: Any) -> None:
+    def _compare_result(self, plan: Plan, columns: list[_Column], report: _Report) -> None:
         row = plan.shape.row
         if row is None:
             return  # `-> int` rowcount or `-> None`: no rows to compare
@@ -276,7 +280,7 @@ class _Checker:
             if field.is_required() and name not in names:
                 report("error", f"{model.__name__}.{name} has no column in the result")
 
-    def _compare_type(self, column: _Column, annotation: Any, label: str, report: Any) -> None:
+    def _compare_type(self, column: _Column, annotation: Any, label: str, report: _Report) -> None:
         actual = self._python_type(column.type_oid)
         if actual is None:
             report("warning", f"column {column.name}: cannot compare type "
@@ -286,7 +290,7 @@ class _Checker:
                             f"({_describe_type(actual)}) but {label} is "
                             f"{_describe_type(annotation)}")
 
-    def _require_not_null(self, column: _Column, label: str, report: Any) -> None:
+    def _require_not_null(self, column: _Column, label: str, report: _Report) -> None:
         if not column.table_oid:
             return  # an expression: PostgreSQL does not say whether it can be NULL
         row = self.conn.execute(_NOT_NULL_SQL, [column.table_oid, column.table_column]).fetchone()
@@ -297,7 +301,7 @@ class _Checker:
     # -- parameters ------------------------------------------------------------------------
 
     def _compare_params(
-        self, cls: type[Repository], attribute: str, plan: Plan, params: list[int], report: Any
+        self, cls: type[Repository], attribute: str, plan: Plan, params: list[int], report: _Report
     ) -> None:
         declared = getattr(getattr(cls, attribute), "__wrapped__", None)
         if declared is None:
@@ -314,7 +318,9 @@ class _Checker:
 
     # -- tables: row-level security and privileges -----------------------------------------
 
-    def _check_relations(self, cls: type[Repository], query: sqlfile.SqlQuery, report: Any) -> None:
+    def _check_relations(
+        self, cls: type[Repository], query: sqlfile.SqlQuery, report: _Report
+    ) -> None:
         needed = _privileges(query)
         for table in sorted(query.tables):
             relation = self._relation(table)
@@ -328,7 +334,7 @@ class _Checker:
                     report("error", f"tenant table {relname} does not force row level security "
                                     "(its owner bypasses the policies)")
                 if not cls.__tenant_scoped__:
-                    report("warning", f"reads tenant table {relname} but the repository is "
+                    report("warning", f"uses tenant table {relname} but the repository is "
                                       "tenant=False: calls without a clinic see no rows")
             for privilege in sorted(needed.get(table, set())):
                 row = self.conn.execute(_PRIVILEGE_SQL, {"oid": oid, "privilege": privilege})

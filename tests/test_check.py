@@ -124,7 +124,7 @@ def test_lints_and_mismatches(migrated_db: ServerDatabase) -> None:
     assert "Lint.model_mismatch: ClinicZone.timezone has no column in the result" in errors
     assert "Lint.parameter_of_the_wrong_type: parameter :id is uuid (UUID) but the signature " \
         "says int" in warnings
-    assert "Lint.tenant_table_without_tenant: reads tenant table patients but the repository " \
+    assert "Lint.tenant_table_without_tenant: uses tenant table patients but the repository " \
         "is tenant=False: calls without a clinic see no rows" in warnings
     # A statement that does not prepare is reported at the line PostgreSQL points at.
     missing = by_query["missing_column"]
