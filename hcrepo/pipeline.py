@@ -104,7 +104,7 @@ def run(conn: HcConnection, statements: Sequence[Statement]) -> list[pq.abc.PGre
             replies.append(_Reply("execute", key, index))
             if statement.sync_after or index == len(statements) - 1:
                 pgconn.pipeline_sync()
-                replies.append(_Reply("sync"))
+                replies.append(_Reply("sync", None, index))
         conn.wait(generators.send(pgconn))
         return _collect(conn, replies)
     finally:
@@ -123,6 +123,12 @@ def _collect(conn: HcConnection, replies: list[_Reply]) -> list[pq.abc.PGresult]
         batch = conn.wait(generators.fetch_many(pgconn))
         last = batch[-1]
         if reply.kind == "sync":
+            if last.status == _FATAL:
+                # The implicit transaction failed as it committed at this Sync (a deferred
+                # constraint, a serialization failure, the session ending): the error comes
+                # first, the Sync after it.
+                failure = failure or PipelineError(_error(last, conn), reply.position)
+                conn.wait(generators.fetch_many(pgconn))
             continue
         if last.status in (_FATAL, _ABORTED) and reply.kind == "prepare" and reply.key:
             conn.prepared.pop(reply.key, None)  # the server holds no statement by that name
