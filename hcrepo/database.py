@@ -20,12 +20,12 @@ from hcrepo import pipeline, tenancy
 from hcrepo.cache import Cache
 from hcrepo.config import Settings
 from hcrepo.driver_errors import RETRYABLE_SQLSTATES
-from hcrepo.errors import ConnectionLost, DatabaseError
+from hcrepo.errors import CommitOutcomeUnknown, ConnectionLost, DatabaseError
 from hcrepo.execution import context_statement, fetch_lsn, run_or_translate, stream_rows
 from hcrepo.pipeline import HcConnection, Statement
 from hcrepo.routing import Router
 from hcrepo.tenancy import Context
-from hcrepo.unit_of_work import UnitOfWork, open_unit
+from hcrepo.unit_of_work import UnitOfWork, ensure_open, open_unit
 
 if TYPE_CHECKING:
     from hcrepo.repository import Plan
@@ -111,7 +111,16 @@ class Database:
         if self._router.replicas:
             statements.append(fetch_lsn())
         with self._router.primary.connection() as conn:
-            results = run_or_translate(conn, statements, plan)
+            ensure_open(conn, before=plan.name, query=plan.name)
+            try:
+                results = run_or_translate(conn, statements, plan)
+            except ConnectionLost as exc:
+                # The write and its implicit COMMIT were sent: it may have been committed.
+                raise CommitOutcomeUnknown(
+                    f"connection lost running {plan.name} ({plan.source}): the write may or "
+                    "may not have been committed; check before repeating it",
+                    sqlstate=exc.sqlstate, query=plan.name,
+                ) from exc
             value = plan.shape.build(results[1], conn.transformer, plan.name, plan.source)
         lsn = results[2].get_value(0, 0) if len(results) > 2 else None
         self._committed(context, [(plan, args)], lsn.decode() if lsn else None)
@@ -176,27 +185,36 @@ class Database:
         """Run `fn(uow, **kwargs)` in a unit of work, re-running it from the start on errors
         that guarantee nothing was committed (40001, 40P01, connection lost before COMMIT).
 
-        Inside an open unit of work it joins that one and leaves retrying to its owner.
+        Inside an open unit of work of the same thread it joins that one and leaves retrying
+        to its owner; elsewhere (another thread, through `bind_context`) it runs its own.
         """
         joined = open_unit.get()
-        if joined is not None:
+        if joined is not None and joined.joinable:
             return fn(joined, **kwargs)
         options: dict[str, Any] = {"isolation": isolation, "read_only": read_only,
                                    "clinic_id": clinic_id, "actor_id": actor_id}
+        units: list[UnitOfWork] = []
+
+        def retryable(exc: BaseException) -> bool:
+            # An after-commit hook that fails must not re-run work that is committed.
+            return not units[-1].committed and _is_retryable(exc)
+
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(retries + 1),
             wait=tenacity.wait_random_exponential(multiplier=0.005, max=0.5),
-            retry=tenacity.retry_if_exception(_is_retryable),
+            retry=tenacity.retry_if_exception(retryable),
             reraise=True,
         )
         try:
             for attempt in retrying:
-                with attempt, self.unit_of_work(**options) as uow:
-                    return fn(uow, **kwargs)
+                with attempt:
+                    units.append(self.unit_of_work(**options))
+                    with units[-1] as uow:
+                        return fn(uow, **kwargs)
         except DatabaseError as exc:
-            if _is_retryable(exc):
-                exc.attempts = retries + 1
-                exc.args = (f"{exc.args[0]} (gave up after {exc.attempts} attempts)",)
+            exc.attempts = len(units)
+            outcome = "gave up" if retryable(exc) else "not retried"
+            exc.args = (f"{exc.args[0]} ({outcome} after {len(units)} attempt(s))",)
             raise
         raise AssertionError("unreachable")
 

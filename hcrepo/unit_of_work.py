@@ -2,24 +2,33 @@
 
 BEGIN and the transaction-local `set_config` travel in the same round trip as the first
 statement. After-commit hooks (cache invalidation, read-your-writes) run only once COMMIT has
-succeeded. A connection that broke while COMMIT was in flight raises `CommitOutcomeUnknown`;
-one that broke earlier raises `ConnectionLost`, which `Database.transaction` may retry.
+succeeded. What a broken connection means depends on where it broke: before COMMIT was sent
+nothing can have been committed (`ConnectionLost`, which `Database.transaction` may retry);
+while COMMIT was in flight the outcome is unknown (`CommitOutcomeUnknown`, never retried).
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import itertools
-from collections.abc import Callable, Iterator
+import select
+import threading
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import psycopg
 
 from hcrepo import pipeline
 from hcrepo.driver_errors import translate
-from hcrepo.errors import CommitOutcomeUnknown, ConnectionLost, HcrepoError
+from hcrepo.errors import (
+    CommitOutcomeUnknown,
+    ConnectionLost,
+    DatabaseError,
+    HcrepoError,
+)
 from hcrepo.execution import context_statement, fetch_lsn, stream_rows
 from hcrepo.pipeline import HcConnection, PipelineError, Statement
 from hcrepo.tenancy import Context
@@ -33,6 +42,12 @@ ISOLATION_LEVELS = {
     "repeatable_read": "REPEATABLE READ",
     "serializable": "SERIALIZABLE",
 }
+
+# The server ends the session: admin_shutdown (pg_terminate_backend), crash_shutdown,
+# cannot_connect_now. Class 08 is connection_exception.
+_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03"})
+# Rounds of reading what the server sent unasked before COMMIT (notices, a FATAL, EOF).
+_PREFLIGHT_READS = 8
 
 open_unit: contextvars.ContextVar[UnitOfWork | None] = contextvars.ContextVar(
     "hcrepo_unit_of_work", default=None
@@ -49,8 +64,40 @@ def begin_statement(isolation: str | None, read_only: bool) -> str:
     return text + (" READ ONLY" if read_only else "")
 
 
+def session_ended(conn: HcConnection, error: psycopg.Error | None = None) -> bool:
+    """True when the connection is gone, or the server said it is ending the session."""
+    sqlstate = error.sqlstate if error is not None else None
+    return conn.closed or bool(
+        sqlstate and (sqlstate.startswith("08") or sqlstate in _SESSION_ENDED)
+    )
+
+
+def ensure_open(conn: HcConnection, *, before: str = "COMMIT", query: str | None = None) -> None:
+    """Raise `ConnectionLost` if the server has already closed `conn`, without sending a byte.
+
+    A terminated backend sends a FATAL and closes its socket while the client is idle; reading
+    what is already there (non-blocking) tells "died before we sent anything" apart from
+    "died while our statement was in flight", which is what decides whether a COMMIT (or an
+    autocommit write) may be retried.
+    """
+    poller = select.poll()
+    poller.register(conn.pgconn.socket, select.POLLIN)
+    try:
+        for _ in range(_PREFLIGHT_READS):
+            if not poller.poll(0):
+                break
+            conn.pgconn.consume_input()
+    except psycopg.OperationalError as exc:
+        raise _lost(exc, query, before) from exc
+    if conn.closed:
+        raise _lost(None, query, before)
+
+
 class UnitOfWork:
-    """A transaction on the primary; repositories accept it as their runner."""
+    """A transaction on the primary; repositories accept it as their runner.
+
+    It belongs to the thread that opened it: a connection cannot serve two threads at once.
+    """
 
     def __init__(
         self,
@@ -65,6 +112,7 @@ class UnitOfWork:
         self.context = context
         self.read_only = read_only
         self.wrote = False
+        self.committed = False
         self.commit_lsn: str | None = None
         self._node = node
         self._begin = begin_statement(isolation, read_only)
@@ -72,8 +120,10 @@ class UnitOfWork:
         self._on_commit = on_commit
         self._hooks: list[Callable[[], None]] = []
         self._tags: list[tuple[Plan, tuple[Any, ...]]] = []
+        self._streams: list[Generator[Any, None, None]] = []
         self._conn: HcConnection | None = None
         self._checkout: Any = None
+        self._thread = 0
         self._begun = False
         self._savepoints = itertools.count(1)
         self._token: contextvars.Token[UnitOfWork | None] | None = None
@@ -81,8 +131,11 @@ class UnitOfWork:
     # -- lifecycle -----------------------------------------------------------------------
 
     def __enter__(self) -> UnitOfWork:
+        if self._thread:
+            raise HcrepoError("a unit of work is entered once; open a new one")
         self._checkout = self._node.connection()
         self._conn = self._checkout.__enter__()
+        self._thread = threading.get_ident()
         self._token = open_unit.set(self)
         return self
 
@@ -93,6 +146,7 @@ class UnitOfWork:
         tb: TracebackType | None,
     ) -> None:
         try:
+            self._close_streams()
             if exc_type is None:
                 self._commit()
             else:
@@ -100,17 +154,26 @@ class UnitOfWork:
         finally:
             if self._token is not None:
                 open_unit.reset(self._token)
+                self._token = None
             checkout, self._checkout, self._conn = self._checkout, None, None
             checkout.__exit__(None, None, None)
-        if exc_type is None:
-            for hook in self._hooks:
-                hook()
-            if self._on_commit is not None:
-                self._on_commit(self)
+        if self.committed:
+            self._run_hooks()
 
     def after_commit(self, hook: Callable[[], None]) -> None:
         """Run `hook` once COMMIT has succeeded; never after a rollback."""
         self._hooks.append(hook)
+
+    @property
+    def joinable(self) -> bool:
+        """Open, and owned by the calling thread: `Database.transaction` may run inside it."""
+        return self._conn is not None and self._thread == threading.get_ident()
+
+    @property
+    def token(self) -> str | None:
+        """Read-your-writes token of this unit's COMMIT (see `Database.read_after`); None
+        before commit, for a unit that wrote nothing, or when no replicas are configured."""
+        return self.commit_lsn
 
     @property
     def backend_pid(self) -> int:
@@ -120,14 +183,22 @@ class UnitOfWork:
 
     def run(self, plan: Plan, args: tuple[Any, ...], sql: str) -> Any:
         plan.check_context(self.context)
+        conn = self._connection
         if plan.is_write:
             self.wrote = True
             if plan.invalidates:
                 self._tags.append((plan, args))
         if plan.shape.streams:
-            return stream_rows(self._connection, plan, args, sql, self._prefix(), owns_tx=False)
+            if not self._begun:
+                # BEGIN must reach the server now: a statement run before the stream is
+                # first consumed would otherwise run outside the transaction and context.
+                self._send([], plan)
+            rows = cast(Generator[Any, None, None],
+                        stream_rows(conn, plan, args, sql, [], owns_tx=False))
+            self._streams.append(rows)
+            return self._guarded(rows, conn)
         results = self._send([Statement(sql, args)], plan)
-        return plan.shape.build(results[-1], self._connection.transformer, plan.name, plan.source)
+        return plan.shape.build(results[-1], conn.transformer, plan.name, plan.source)
 
     @property
     def invalidations(self) -> list[tuple[Plan, tuple[Any, ...]]]:
@@ -153,9 +224,14 @@ class UnitOfWork:
 
     @property
     def _connection(self) -> HcConnection:
-        if self._conn is None:
+        conn = self._conn
+        if conn is None:
             raise HcrepoError("the unit of work is not open: use 'with db.unit_of_work() as uow'")
-        return self._conn
+        if self._thread != threading.get_ident():
+            raise HcrepoError(
+                "a unit of work belongs to the thread that opened it; open one per thread"
+            )
+        return conn
 
     def _prefix(self) -> list[Statement]:
         if self._begun:
@@ -164,37 +240,71 @@ class UnitOfWork:
         return [Statement(self._begin), context_statement(self.context)]
 
     def _send(self, statements: list[Statement], plan: Plan | None) -> list[Any]:
+        conn = self._connection
+        query = plan.name if plan else None
         prefix = self._prefix()
         try:
-            return pipeline.run(self._connection, [*prefix, *statements])
+            return pipeline.run(conn, [*prefix, *statements])
         except PipelineError as failure:
-            raise translate(failure.error, query=plan.name if plan else None,
+            if session_ended(conn, failure.error):
+                raise _lost(failure.error, query) from failure.error
+            raise translate(failure.error, query=query,
                             source=plan.source if plan else None) from failure.error
         except psycopg.OperationalError as exc:
-            raise ConnectionLost(
-                "connection lost before COMMIT was sent; nothing was committed",
-                sqlstate=exc.sqlstate, query=plan.name if plan else None,
-            ) from exc
+            raise _lost(exc, query) from exc
+
+    def _guarded(self, rows: Iterator[Any], conn: HcConnection) -> Iterator[Any]:
+        """Rows of a stream, refused once the unit of work has handed its connection back."""
+        while True:
+            if self._conn is not conn or self._thread != threading.get_ident():
+                raise HcrepoError(
+                    "a unit of work's stream is read in its thread, before the unit ends"
+                )
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            yield row
+
+    def _close_streams(self) -> None:
+        """Close open cursors while the connection is still ours (never on a pooled one).
+
+        A CLOSE that fails leaves its trace for COMMIT to find: an aborted transaction
+        answers ROLLBACK, a dead connection fails `ensure_open`.
+        """
+        streams, self._streams = self._streams, []
+        for rows in streams:
+            with contextlib.suppress(PipelineError, psycopg.Error):
+                rows.close()
 
     def _commit(self) -> None:
         if not self._begun:
+            self.committed = True
             return
         conn = self._connection
+        ensure_open(conn)  # nothing sent yet: a connection found dead here is retryable
         statements = [Statement("COMMIT", sync_after=True)]
         if self._track_lsn and self.wrote:
             statements.append(fetch_lsn())
         try:
             results = pipeline.run(conn, statements)
         except PipelineError as failure:
+            if session_ended(conn, failure.error):
+                raise _unknown(failure.error) from failure.error
             # The server answered COMMIT with an error (e.g. a deferred constraint or a
             # serialization failure at commit): the transaction is definitely rolled back.
             raise translate(failure.error, query="COMMIT", source="unit of work") from failure.error
         except psycopg.OperationalError as exc:
-            raise CommitOutcomeUnknown(
-                "connection lost while COMMIT was in flight: the transaction may or may not "
-                "have been committed; check before repeating it",
-                sqlstate=exc.sqlstate,
-            ) from exc
+            raise _unknown(exc) from exc
+        if results[0].command_status != b"COMMIT":
+            # COMMIT of a transaction in the failed state answers ROLLBACK, without an error.
+            raise DatabaseError(
+                "25P02 in_failed_sql_transaction: COMMIT rolled back the unit of work because "
+                "a statement in it failed earlier (the error was caught, not rolled back to a "
+                "savepoint); nothing was committed",
+                sqlstate="25P02", query="COMMIT",
+            )
+        self.committed = True
         if len(results) > 1:
             lsn = results[1].get_value(0, 0)
             self.commit_lsn = lsn.decode() if lsn is not None else None
@@ -207,3 +317,36 @@ class UnitOfWork:
             pipeline.run(conn, [Statement("ROLLBACK")])
         except (PipelineError, psycopg.OperationalError):
             conn.close()  # the pool discards it; the server rolls back on disconnect
+
+    def _run_hooks(self) -> None:
+        """The runner's seam first (read-your-writes, cache), then every hook, whatever fails."""
+        failure: BaseException | None = None
+        hooks = [self._on_commit_seam, *self._hooks]
+        for hook in hooks:
+            try:
+                hook()
+            except Exception as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+    def _on_commit_seam(self) -> None:
+        if self._on_commit is not None:
+            self._on_commit(self)
+
+
+def _lost(
+    error: psycopg.Error | None, query: str | None, before: str = "COMMIT"
+) -> ConnectionLost:
+    return ConnectionLost(
+        f"connection lost before {before} was sent; nothing was committed",
+        sqlstate=error.sqlstate if error is not None else None, query=query,
+    )
+
+
+def _unknown(error: psycopg.Error) -> CommitOutcomeUnknown:
+    return CommitOutcomeUnknown(
+        "connection lost while COMMIT was in flight: the transaction may or may not have "
+        "been committed; check before repeating it",
+        sqlstate=error.sqlstate, query="COMMIT",
+    )
