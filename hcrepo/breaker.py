@@ -63,10 +63,16 @@ class CircuitBreaker:
             return True
 
     def success(self) -> bool:
-        """Record a successful call; True when it closed an open breaker."""
+        """Record a successful call; True when it closed an open breaker.
+
+        While open (before `reset` has passed) a success is a straggler that started before
+        the failures and proves nothing: only a success in the half-open period closes it.
+        """
         if self._opened_at is None and self._failures == 0:
             return False
         with self._lock:
+            if self._opened_at is not None and self._clock() - self._opened_at < self._reset:
+                return False
             recovered = self._opened_at is not None
             self._failures = 0
             self._opened_at = None
