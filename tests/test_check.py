@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from hcrepo import Repository, migrate, query
 from hcrepo.check import Finding, repositories, run_check
 from hcrepo.healthcare import PatientRepository, PrescriptionRepository, ProviderRepository
+from hcrepo.shipped import shipped_dir
 from tests.plugins.database import Database as ServerDatabase
 from tests.plugins.database import FreshDatabase, migrate_database
 
@@ -158,7 +159,7 @@ def test_a_renamed_column_fails_the_check(drifted: ServerDatabase, tmp_path: Pat
 
     findings = run_check(drifted.app_url, shipped())
     errors = [f for f in findings if f.severity == "error"]
-    patients_sql = migrate.migrations_dir().parent / "sql" / "patients.sql"
+    patients_sql = shipped_dir("sql") / "patients.sql"
     # Each query using the column fails at the first line that names it.
     first_use: dict[str, int] = {}
     block = ""
