@@ -93,8 +93,7 @@ class RedisStore:
         self.client: redis.Redis | RedisCluster
         if url.startswith(CLUSTER_SCHEME):
             self.client = RedisCluster.from_url(
-                "redis://" + url.removeprefix(CLUSTER_SCHEME),
-                cluster_error_retry_attempts=1, **options,
+                "redis://" + url.removeprefix(CLUSTER_SCHEME), **options
             )
         else:
             self.client = redis.Redis.from_url(url, **options)
@@ -141,7 +140,7 @@ class RedisStore:
         pipe = self.client.pipeline(transaction=False)
         for keys in groups:
             if tombstone is None:
-                pipe.delete(*keys)
+                pipe.execute_command("DEL", *keys)  # ClusterPipeline.delete takes one key
             else:
                 for key in keys:
                     pipe.set(key, tombstone, px=tombstone_ms)
