@@ -32,7 +32,7 @@ from pydantic import BaseModel
 from hcrepo import sqlfile
 from hcrepo.config import Settings
 from hcrepo.errors import ConfigError
-from hcrepo.migrate import _connect
+from hcrepo.migrate import connect
 from hcrepo.repository import Plan, Repository
 from hcrepo.results import Many, OneOrNone, Stream
 
@@ -108,7 +108,7 @@ def run_check(
     """Check `classes` (default: every loaded repository) against the database at `url`;
     a connection failure is a ConfigError naming `setting`, where the URL came from."""
     targets = repositories() if classes is None else list(classes)
-    with _connect(url, setting, autocommit=True) as conn:
+    with connect(url, setting, autocommit=True) as conn:
         checker = _Checker(conn)
         for cls in targets:
             for attribute, plan in cls.__plans__.items():

@@ -76,7 +76,7 @@ def bootstrap(superuser_url: str, *, database: str, owner_password: str) -> str:
 
     Idempotent: re-running sets the password again and leaves an existing database alone.
     """
-    with _connect(superuser_url, "superuser URL", autocommit=True) as conn:
+    with connect(superuser_url, "superuser URL", autocommit=True) as conn:
         exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [OWNER_ROLE]).fetchone()
         verb = "ALTER" if exists else "CREATE"
         conn.execute(
@@ -94,7 +94,7 @@ def bootstrap(superuser_url: str, *, database: str, owner_password: str) -> str:
                     sql.Identifier(database), sql.Identifier(OWNER_ROLE)
                 )
             )
-    with _connect(conninfo_url(superuser_url, dbname=database), "superuser URL") as conn:
+    with connect(conninfo_url(superuser_url, dbname=database), "superuser URL") as conn:
         # On PostgreSQL 14 and older public belongs to the bootstrap superuser.
         conn.execute(sql.SQL("ALTER SCHEMA public OWNER TO {}").format(sql.Identifier(OWNER_ROLE)))
     return conninfo_url(superuser_url, user=OWNER_ROLE, password=owner_password, dbname=database)
@@ -102,7 +102,7 @@ def bootstrap(superuser_url: str, *, database: str, owner_password: str) -> str:
 
 def set_role_password(owner_url: str, role: str, password: str) -> None:
     """Set a login role's password as the owner (CREATEROLE), e.g. for hcrepo_app."""
-    with _connect(owner_url, "owner URL", autocommit=True) as conn:
+    with connect(owner_url, "owner URL", autocommit=True) as conn:
         conn.execute(
             sql.SQL("ALTER ROLE {} PASSWORD {}").format(
                 sql.Identifier(role), sql.Literal(_encrypted(conn, role, password))
@@ -176,7 +176,9 @@ def _params(url: str, setting: str) -> dict[str, str]:
 
 
 @contextmanager
-def _connect(url: str, setting: str, *, autocommit: bool = False) -> Iterator[psycopg.Connection]:
+def connect(url: str, setting: str, *, autocommit: bool = False) -> Iterator[psycopg.Connection]:
+    """A plain psycopg connection; failing to connect raises `ConfigError` naming `setting`,
+    with the password masked."""
     params = _params(url, setting)
     try:
         conn = psycopg.connect(make_conninfo(**params), autocommit=autocommit)

@@ -32,7 +32,6 @@ R = TypeVar("R")
 
 DEFAULT_MAX_PAGE = 1000
 PAGE_PARAM = "limit"
-SHIPPED_SQL = Path(__file__).resolve().parent.parent / "sql"
 
 
 class CacheSpec(NamedTuple):
