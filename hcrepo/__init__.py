@@ -4,6 +4,7 @@ This module is the whole public API; everything else is internal.
 """
 
 from hcrepo.config import RoutingPolicy, Settings
+from hcrepo.consistency import InvalidToken
 from hcrepo.database import Database
 from hcrepo.errors import (
     ActorRequired,
@@ -48,6 +49,7 @@ __all__ = [
     "HcrepoError",
     "InvalidContext",
     "InvalidOrderBy",
+    "InvalidToken",
     "NoHealthyNode",
     "NotFound",
     "PageSizeExceeded",

@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     routing_policy: RoutingPolicy = _setting("HCREPO_ROUTING_POLICY", RoutingPolicy.ROUND_ROBIN)
     breaker_failures: int = _setting("HCREPO_BREAKER_FAILURES", 3, ge=1)
     breaker_reset: float = _setting("HCREPO_BREAKER_RESET", 2.0, gt=0)
+    # statement_timeout and connect timeout of health probes, and of a breaker's trial.
+    health_timeout: float = _setting("HCREPO_HEALTH_TIMEOUT", 1.0, gt=0)
+    # A cached replica replay position older than this is re-read when a read-your-writes
+    # check needs a newer one (0: whenever it falls short).
+    replay_cache_max_age: float = _setting("HCREPO_REPLAY_CACHE_MAX_AGE", 0.02, ge=0)
 
     cache_enabled: bool = _setting("CACHE_ENABLED", True)
     cache_ttl: int = _setting("CACHE_TTL", 300, gt=0)
