@@ -64,7 +64,8 @@ class Database:
         self.close()
 
     def open(self) -> None:
-        self._router.primary.pool.wait(timeout=self.settings.pool_acquire_timeout)
+        """Fill the primary's pool, verify every node's role, start the health monitor."""
+        self._router.open()
 
     def close(self) -> None:
         self._router.close()
@@ -78,6 +79,21 @@ class Database:
     ) -> AbstractContextManager[Context]:
         """Make clinic and actor ambient for the block (contextvars; nests)."""
         return tenancy.use(clinic_id, actor_id)
+
+    def last_write_token(self) -> str | None:
+        """Read-your-writes token of this context's commits (None: nothing to wait for).
+
+        Hand it to another thread, a queued job or the next request, which reads inside
+        `db.read_after(token)` and sees those commits.
+        """
+        return self._router.token()
+
+    def read_after(self, token: str | None) -> AbstractContextManager[None]:
+        """Reads in the block see at least the commit `token` names; None is a no-op.
+
+        A malformed token raises `InvalidToken`.
+        """
+        return self._router.read_after(token)
 
     # -- running repository plans ----------------------------------------------------------
 

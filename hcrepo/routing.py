@@ -1,8 +1,15 @@
 """Which server answers: the primary for writes and units of work, a replica for plain reads.
 
-Each node owns one psycopg_pool.ConnectionPool of `HcConnection`s in autocommit mode (hcrepo
-sends BEGIN itself, pipelined with the first statement). Pools open lazily and are rebuilt in
-a forked child, so gunicorn --preload and multiprocessing get their own sockets.
+A read goes to a routable replica (breaker closed, role verified, lag within both maximums)
+chosen by HCREPO_ROUTING_POLICY; if the context carries a read-your-writes position, only to
+one that has replayed it (`hcrepo.consistency`), else to the primary. A read that fails on a
+replica — connection lost, pool exhausted, or cancelled by a hot-standby conflict — is retried
+in the same call on the next replica and finally on the primary: the caller sees no error.
+With replicas configured but none routable, reads go to the primary; that degraded state is
+logged once when it starts and once when it ends, and counted.
+
+Nothing on the read path takes a lock: the routable set is an immutable tuple swapped by the
+health monitor and breaker transitions, and counters are lock-free.
 """
 
 from __future__ import annotations
@@ -10,112 +17,300 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import TypeVar
+from contextlib import AbstractContextManager
+from typing import Any, TypeVar
 
-import psycopg_pool
+from loguru import logger
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
-from hcrepo.config import Settings
-from hcrepo.errors import ConnectionLost, PoolTimeout
+from hcrepo import consistency, metrics
+from hcrepo.breaker import BreakerState
+from hcrepo.config import RoutingPolicy, Settings
+from hcrepo.counters import Counters
+from hcrepo.errors import ConnectionLost, DatabaseError, PoolTimeout
+from hcrepo.health import HealthMonitor
+from hcrepo.node import Node, address
 from hcrepo.pipeline import HcConnection
+
+__all__ = ["RECOVERY_CONFLICT", "Node", "Router"]
 
 R = TypeVar("R")
 
+# Hot-standby conflicts ("canceling statement due to conflict with recovery"): serialization
+# failure for snapshot/lock/pin conflicts, deadlock for buffer-pin deadlocks, database dropped.
+# Serializable transactions cannot run on a standby, so on a replica these mean a conflict.
+RECOVERY_CONFLICT = frozenset({"40001", "40P01", "57P04"})
+_CLOSED = BreakerState.CLOSED
+# lowest_latency spreads reads over replicas whose latency is this close to the best one.
+_LATENCY_SLACK = 1.25
+_LATENCY_FLOOR = 0.0001
 
-class Node:
-    """One PostgreSQL server and its pool."""
-
-    def __init__(self, name: str, url: str, settings: Settings, *, is_primary: bool) -> None:
-        self.name = name
-        self.url = url
-        self.is_primary = is_primary
-        self._settings = settings
-        self._pool: psycopg_pool.ConnectionPool[HcConnection] | None = None
-        self._pid = os.getpid()
-        self._lock = threading.Lock()
-
-    @property
-    def pool(self) -> psycopg_pool.ConnectionPool[HcConnection]:
-        pool = self._pool
-        if pool is not None and self._pid == os.getpid():
-            return pool
-        with self._lock:
-            if self._pool is None or self._pid != os.getpid():
-                # A forked child must never share the parent's sockets: drop them unclosed.
-                self._pid = os.getpid()
-                self._pool = self._make_pool()
-            return self._pool
-
-    def _make_pool(self) -> psycopg_pool.ConnectionPool[HcConnection]:
-        s = self._settings
-        pool = psycopg_pool.ConnectionPool(
-            self.url,
-            connection_class=HcConnection,
-            kwargs={"autocommit": True, "prepare_threshold": None},
-            min_size=s.pool_min,
-            max_size=s.pool_max,
-            timeout=s.pool_acquire_timeout,
-            max_idle=s.pool_idle_timeout,
-            max_lifetime=s.pool_max_lifetime,
-            max_waiting=s.pool_max_waiting,
-            name=self.name,
-            open=False,
-        )
-        pool.open(wait=False)
-        return pool
-
-    @contextmanager
-    def connection(self) -> Iterator[HcConnection]:
-        try:
-            conn = self.pool.getconn()
-        except psycopg_pool.PoolTimeout:
-            stats = self.pool.get_stats()
-            raise PoolTimeout(
-                f"no connection from {self.name} within {self._settings.pool_acquire_timeout}s "
-                f"(pool stats: {stats})"
-            ) from None
-        try:
-            yield conn
-        finally:
-            self.pool.putconn(conn)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._pool is not None and self._pid == os.getpid():
-                self._pool.close()
-            self._pool = None
+_EVENTS = (
+    "failovers",  # a replica failed a read that another node then served
+    "conflicts",  # of those, hot-standby conflicts
+    "primary_for_token",  # no routable replica had replayed the caller's position yet
+    "primary_degraded",  # replicas are configured but none is routable
+    "degraded_episodes",
+)
 
 
 class Router:
     def __init__(self, settings: Settings) -> None:
-        self.primary = Node("primary", settings.database_url, settings, is_primary=True)
+        self._settings = settings
+        self.primary = Node("primary", settings.database_url, settings, is_primary=True,
+                            on_change=self._refresh)
         self.replicas = [
-            Node(f"replica{i}", url, settings, is_primary=False)
+            Node(f"replica{i}", url, settings, is_primary=False, on_change=self._refresh)
             for i, url in enumerate(settings.read_replica_urls, start=1)
         ]
-        self._turn = itertools.cycle(range(max(1, len(self.replicas))))
+        # Read-your-writes positions are per cluster: the primary's host and port.
+        self.cluster = address(settings.database_url).rpartition("/")[0]
+        self.counters = Counters(*_EVENTS)
+        self._policy = settings.routing_policy
+        self._max_lsn_age = settings.replay_cache_max_age
+        self._turn = itertools.count()
+        self._routable: tuple[Node, ...] = tuple(self.replicas)  # optimistic until probed
+        self._degraded = False
+        self._lock = threading.Lock()
+        self._monitor: HealthMonitor | None = None
+        self._closed = False
+        _routers.add(self)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Fill the primary's pool, probe every node once (roles, lag), start the monitor."""
+        self._closed = False
+        self.primary.open(self._settings.pool_acquire_timeout)
+        self._ensure_monitor().check_now()
+
+    def _ensure_monitor(self) -> HealthMonitor:
+        with self._lock:
+            monitor = self._monitor
+            if monitor is None:
+                monitor = HealthMonitor(self.primary, self.replicas, self._settings,
+                                        on_cycle=self._refresh)
+                if not self._closed:
+                    monitor.start()
+                    self._monitor = monitor
+            return monitor
+
+    @property
+    def monitor(self) -> HealthMonitor:
+        return self._ensure_monitor()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            monitor.stop()
+        for node in (self.primary, *self.replicas):
+            node.close()
+
+    # -- routing -------------------------------------------------------------------------
 
     def reader(self) -> Node:
-        if not self.replicas:
-            return self.primary
-        return self.replicas[next(self._turn)]
+        """The node a read that cannot fail over (a stream) should use now."""
+        if self._monitor is None:
+            self._ensure_monitor()
+        return next(self._candidates(consistency.required(self.cluster)))
 
     def read(self, attempt: Callable[[HcConnection], R]) -> R:
-        """Run an idempotent read on a reader node; a lost connection is retried once."""
-        for retry in (False, True):
-            node = self.primary if retry else self.reader()
+        """Run the idempotent read `attempt(conn)`, failing over as the module describes."""
+        if self._monitor is None:
+            self._ensure_monitor()
+        need = consistency.required(self.cluster)
+        primary = self.primary
+        for node in self._candidates(need):
             try:
-                with node.connection() as conn:
-                    return attempt(conn)
-            except ConnectionLost:
-                if retry:
+                conn = node.acquire()
+            except (PoolTimeout, ConnectionLost):
+                if node is primary:
                     raise
-        raise AssertionError("unreachable")
+                self.counters.inc("failovers")
+                continue
+            try:
+                result = attempt(conn)
+            except ConnectionLost as exc:
+                if exc.sqlstate not in RECOVERY_CONFLICT:
+                    node.failed(f"read lost its connection ({exc.sqlstate or 'no sqlstate'})")
+                if node is primary:
+                    raise
+                self.counters.inc("failovers")
+                continue
+            except DatabaseError as exc:
+                if node is primary or exc.sqlstate not in RECOVERY_CONFLICT:
+                    raise
+                self.counters.inc("failovers")
+                self.counters.inc("conflicts")
+                continue
+            finally:
+                node.release(conn)
+            node.succeeded()
+            node.served.inc()
+            return result
+        raise AssertionError("unreachable: the primary is always the last candidate")
+
+    def _candidates(self, need: int) -> Iterator[Node]:
+        routable = self._routable
+        if routable:
+            first = self._pick(routable)
+            tried = False
+            for node in (first, *(n for n in routable if n is not first)):
+                if node.breaker.state is not _CLOSED:
+                    continue
+                if need and not node.health.caught_up(need, self._max_lsn_age):
+                    continue
+                tried = True
+                yield node
+            if not tried:
+                self.counters.inc("primary_for_token")
+        elif self.replicas:
+            self.counters.inc("primary_degraded")
+        yield self.primary
+
+    def _pick(self, routable: tuple[Node, ...]) -> Node:
+        count = len(routable)
+        if count == 1:
+            return routable[0]
+        turn = next(self._turn)
+        policy = self._policy
+        if policy is RoutingPolicy.ROUND_ROBIN:
+            return routable[turn % count]
+        if policy is RoutingPolicy.LEAST_BUSY:
+            # Fewest connections checked out; ties rotate so equals share the load.
+            best = routable[turn % count]
+            for offset in range(1, count):
+                node = routable[(turn + offset) % count]
+                if node.in_use < best.in_use:
+                    best = node
+            return best
+        latencies = [node.health.latency for node in routable]
+        known = [latency for latency in latencies if latency is not None]
+        limit = min(known) * _LATENCY_SLACK + _LATENCY_FLOOR if known else 0.0
+        near = [node for node, latency in zip(routable, latencies, strict=True)
+                if latency is None or latency <= limit]
+        return near[turn % len(near)]
+
+    def _refresh(self) -> None:
+        """Recompute the routable replicas (monitor cycle, breaker or role change)."""
+        with self._lock:
+            self._routable = tuple(node for node in self.replicas if node.routable)
+            degraded = bool(self.replicas) and not self._routable
+            changed = degraded != self._degraded
+            self._degraded = degraded
+        if not changed:
+            return
+        if degraded:
+            self.counters.inc("degraded_episodes")
+            logger.warning("hcrepo: no routable replica ({}): reads go to the primary",
+                           "; ".join(_why_not(node) for node in self.replicas))
+        else:
+            logger.info("hcrepo: replica reads resumed ({})",
+                        ", ".join(node.name for node in self._routable))
+
+    # -- read-your-writes ----------------------------------------------------------------
 
     def record_write(self, lsn: str) -> None:
         """A commit at `lsn` happened in the current context (read-your-writes)."""
+        consistency.record(self.cluster, consistency.parse_lsn(lsn))
 
-    def close(self) -> None:
-        for node in (self.primary, *self.replicas):
-            node.close()
+    def token(self) -> str | None:
+        return consistency.token(self.cluster)
+
+    def read_after(self, token: str | None) -> AbstractContextManager[None]:
+        return consistency.awaiting(self.cluster, token)
+
+    # -- introspection -------------------------------------------------------------------
+
+    @property
+    def degraded(self) -> bool:
+        return self._degraded
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and per-node state; nothing here can carry PHI."""
+        return {
+            **self.counters.snapshot(),
+            "degraded": self._degraded,
+            "routable": [node.name for node in self._routable],
+            "nodes": {node.name: node.snapshot() for node in (self.primary, *self.replicas)},
+        }
+
+    def _after_fork(self) -> None:
+        # The parent's monitor thread does not exist here; a new one starts on first use.
+        self._lock = threading.Lock()
+        self._monitor = None
+
+
+def _why_not(node: Node) -> str:
+    health = node.health
+    if node.breaker.state is not _CLOSED:
+        return f"{node.name}: breaker {node.breaker.state}"
+    if not health.role_ok:
+        return f"{node.name}: not a standby"
+    seconds = "unknown" if health.lag_seconds is None else f"{health.lag_seconds:.2f}"
+    return f"{node.name}: lag {health.lag_bytes} bytes, {seconds} s"
+
+
+_routers: weakref.WeakSet[Router] = weakref.WeakSet()
+
+
+def _forget_parent_monitors() -> None:
+    for router in list(_routers):
+        router._after_fork()
+
+
+os.register_at_fork(after_in_child=_forget_parent_monitors)
+
+
+class _RoutingCollector(Collector):
+    """Prometheus view of every live router, read at scrape time (nothing on the hot path).
+
+    Two routers on one cluster (two `Database`s in a process) add up into one series.
+    """
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        served: dict[tuple[str, str], float] = {}
+        events: dict[tuple[str, str], float] = {}
+        gauges: dict[str, dict[tuple[str, str], float]] = {
+            "lag_bytes": {}, "lag_seconds": {}, "routable": {}, "in_use": {},
+        }
+        for router in list(_routers):
+            for name, count in router.counters.snapshot().items():
+                key = (router.cluster, name)
+                events[key] = events.get(key, 0.0) + count
+            for node in (router.primary, *router.replicas):
+                key = (router.cluster, node.name)
+                served[key] = served.get(key, 0.0) + node.served.value
+                gauges["in_use"][key] = gauges["in_use"].get(key, 0.0) + node.in_use
+                gauges["routable"][key] = 1.0 if node.is_primary or node.routable else 0.0
+                if node.health.lag_bytes is not None:
+                    gauges["lag_bytes"][key] = node.health.lag_bytes
+                if node.health.lag_seconds is not None:
+                    gauges["lag_seconds"][key] = node.health.lag_seconds
+        labels = ["cluster", "node"]
+        families: list[CounterMetricFamily | GaugeMetricFamily] = [
+            CounterMetricFamily("hcrepo_routing_reads", "Reads served, by node", labels=labels),
+            CounterMetricFamily("hcrepo_routing_events", "Failovers, hot-standby conflicts, "
+                                "reads sent to the primary and why, degraded episodes",
+                                labels=["cluster", "event"]),
+            GaugeMetricFamily("hcrepo_replica_lag_bytes", "Replay lag in bytes", labels=labels),
+            GaugeMetricFamily("hcrepo_replica_lag_seconds", "Replay lag in seconds (upper "
+                              "bound)", labels=labels),
+            GaugeMetricFamily("hcrepo_node_routable", "1 when reads may go to the node",
+                              labels=labels),
+            GaugeMetricFamily("hcrepo_pool_in_use", "Connections checked out", labels=labels),
+        ]
+        samples = [served, events, gauges["lag_bytes"], gauges["lag_seconds"],
+                   gauges["routable"], gauges["in_use"]]
+        for family, values in zip(families, samples, strict=True):
+            for key, value in values.items():
+                family.add_metric(list(key), value)
+        yield from families
+
+
+metrics.REGISTRY.register(_RoutingCollector())
