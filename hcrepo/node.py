@@ -48,43 +48,72 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class _Hold:
-    """One checked-out connection: which pool it came from, since when, taken where."""
+    """One checked-out connection: which pool it came from, since when, taken where.
 
-    __slots__ = ("frames", "pool", "since", "thread", "warned")
+    `frames` holds (frame, line) pairs copied at checkout when the taking frame may return
+    while the connection is out (a unit of work's `__enter__`); otherwise only the taking
+    frame is kept and the stack is read when needed: its callers stay suspended at their
+    call lines until the connection is back, and the read path pays nothing for it.
+    """
 
-    def __init__(self, pool: psycopg_pool.ConnectionPool[HcConnection], frames: list[Any]) -> None:
+    __slots__ = ("frame", "frames", "pool", "since", "thread", "warned")
+
+    def __init__(
+        self,
+        pool: psycopg_pool.ConnectionPool[HcConnection],
+        frame: FrameType,
+        frames: list[tuple[FrameType, int]] | None,
+    ) -> None:
         self.pool = pool
         self.since = time.monotonic()
+        self.frame = frame
         self.frames = frames
-        self.thread = threading.current_thread().name
+        self.thread = threading.get_ident()
         self.warned = False
+
+    def _lines(self) -> list[tuple[FrameType, int]]:
+        if self.frames is not None:
+            return self.frames
+        lines: list[tuple[FrameType, int]] = []
+        frame: FrameType | None = self.frame
+        while frame is not None and len(lines) < _STACK_LIMIT:
+            lines.append((frame, frame.f_lineno))
+            frame = frame.f_back
+        return lines
 
     def stack(self) -> str:
         summary = traceback.StackSummary.from_list(
             [(f.f_code.co_filename, line, f.f_code.co_name, None)
-             for f, line in reversed(self.frames)]
+             for f, line in reversed(self._lines())]
         )
         return "".join(summary.format())
 
     def site(self) -> str:
         """The first frame outside hcrepo: the application line behind the checkout."""
-        outside = [(f, line) for f, line in self.frames
+        lines = self._lines()
+        outside = [(f, line) for f, line in lines
                    if not f.f_code.co_filename.startswith(_PACKAGE_DIR)]
-        chosen = outside or self.frames
+        chosen = outside or lines
         if not chosen:
             return "unknown"
         frame, line = chosen[0]
         return f"{frame.f_code.co_filename}:{line} in {frame.f_code.co_name}"
 
+    def thread_name(self) -> str:
+        for thread in threading.enumerate():
+            if thread.ident == self.thread:
+                return thread.name
+        return f"#{self.thread}"
 
-def _caller_frames(depth: int) -> list[tuple[FrameType, int]]:
+
+def _copy_lines(frame: FrameType) -> list[tuple[FrameType, int]]:
     # Line numbers are copied now: the taking frame moves on while it holds the connection.
-    frames: list[tuple[FrameType, int]] = []
-    frame: FrameType | None = sys._getframe(depth)
-    while frame is not None and len(frames) < _STACK_LIMIT:
-        frames.append((frame, frame.f_lineno))
-        frame = frame.f_back
-    return frames
+    lines: list[tuple[FrameType, int]] = []
+    current: FrameType | None = frame
+    while current is not None and len(lines) < _STACK_LIMIT:
+        lines.append((current, current.f_lineno))
+        current = current.f_back
+    return lines
 
 
 def address(url: str) -> str:
@@ -191,7 +220,11 @@ class Node:
 
     # -- checkout ------------------------------------------------------------------------
 
-    def acquire(self, timeout: float | None = None, *, depth: int = 2) -> HcConnection:
+    def acquire(
+        self, timeout: float | None = None, *, depth: int = 1, held_in_frame: bool = False
+    ) -> HcConnection:
+        """Check a connection out; `release()` it. The taker is the frame `depth` levels up
+        (1: the caller); `held_in_frame`: it releases the connection before it returns."""
         pool = self._pool or self.pool
         try:
             conn = pool.getconn(timeout)
@@ -207,7 +240,8 @@ class Node:
             raise ConnectionLost(
                 f"{self.name}: its pool was rebuilt while waiting", sqlstate=None
             ) from None
-        self._holders[id(conn)] = _Hold(pool, _caller_frames(depth))
+        frame = sys._getframe(depth)
+        self._holders[id(conn)] = _Hold(pool, frame, None if held_in_frame else _copy_lines(frame))
         return conn
 
     def release(self, conn: HcConnection) -> None:
@@ -235,7 +269,7 @@ class Node:
         if holds:
             message += (
                 f"; {len(holds)} held for {held}; the longest taken at {holds[0].site()} "
-                f"(thread {holds[0].thread})"
+                f"(thread {holds[0].thread_name()})"
             )
         return message
 
@@ -249,7 +283,7 @@ class Node:
                 logger.warning(
                     "hcrepo: a connection to {} ({}) has been held for {:.1f}s (over "
                     "HCREPO_POOL_LEAK_THRESHOLD={}s) by thread {}; it was taken at:\n{}",
-                    self.name, self.address, now - hold.since, threshold, hold.thread,
+                    self.name, self.address, now - hold.since, threshold, hold.thread_name(),
                     hold.stack(),
                 )
 
@@ -321,7 +355,7 @@ class Node:
         if state is BreakerState.OPEN or not breaker.allow():
             return
         try:
-            conn = self.acquire(timeout, depth=2)
+            conn = self.acquire(timeout, held_in_frame=True)
         except (PoolTimeout, ConnectionLost, psycopg.Error) as exc:
             self.reset_pool()
             self.failed(f"half-open trial: {type(exc).__name__}")
@@ -376,7 +410,7 @@ class _Checkout:
         self._conn: HcConnection | None = None
 
     def __enter__(self) -> HcConnection:
-        self._conn = self._node.acquire(depth=3)
+        self._conn = self._node.acquire(depth=2)
         return self._conn
 
     def __exit__(

@@ -44,6 +44,7 @@ R = TypeVar("R")
 # Serializable transactions cannot run on a standby, so on a replica these mean a conflict.
 RECOVERY_CONFLICT = frozenset({"40001", "40P01", "57P04"})
 _CLOSED = BreakerState.CLOSED
+_FAILED = object()
 # lowest_latency spreads reads over replicas whose latency is this close to the best one.
 _LATENCY_SLACK = 1.25
 _LATENCY_FLOOR = 0.0001
@@ -117,60 +118,104 @@ class Router:
         """The node a read that cannot fail over (a stream) should use now."""
         if self._monitor is None:
             self._ensure_monitor()
-        return next(self._candidates(consistency.required(self.cluster)))
+        return next(self._candidates(consistency.required(self.cluster), self._routable))
 
     def read(self, attempt: Callable[[HcConnection], R]) -> R:
         """Run the idempotent read `attempt(conn)`, failing over as the module describes."""
         if self._monitor is None:
             self._ensure_monitor()
         need = consistency.required(self.cluster)
-        primary = self.primary
-        for node in self._candidates(need):
-            try:
-                conn = node.acquire()
-            except (PoolTimeout, ConnectionLost):
-                if node is primary:
-                    raise
-                self.counters.inc("failovers")
-                continue
-            try:
-                result = attempt(conn)
-            except ConnectionLost as exc:
-                if exc.sqlstate not in RECOVERY_CONFLICT:
-                    node.failed(f"read lost its connection ({exc.sqlstate or 'no sqlstate'})")
-                if node is primary:
-                    raise
-                self.counters.inc("failovers")
-                continue
-            except DatabaseError as exc:
-                if node is primary or exc.sqlstate not in RECOVERY_CONFLICT:
-                    raise
-                self.counters.inc("failovers")
+        routable = self._routable
+        if not routable:
+            return self._failover(attempt, need, routable)
+        # The common case, kept short: one pick, one try, no generator.
+        node = self._pick(routable)
+        if node.breaker.state is not _CLOSED or (
+            need and not node.health.caught_up(need, self._max_lsn_age)
+        ):
+            return self._failover(attempt, need, routable, first=node)
+        outcome = self._attempt(node, attempt)
+        if outcome is not _FAILED:
+            return outcome  # type: ignore[return-value]
+        self.counters.inc("failovers")
+        return self._failover(attempt, need, routable, first=node, failed=node)
+
+    def _attempt(self, node: Node, attempt: Callable[[HcConnection], R]) -> R | object:
+        """`attempt` on `node`; `_FAILED` when another node should take the read instead.
+        On the primary, the last resort, every error propagates."""
+        replica = node is not self.primary
+        try:
+            conn = node.acquire(depth=2, held_in_frame=True)
+        except (PoolTimeout, ConnectionLost):
+            if replica:
+                return _FAILED
+            raise
+        try:
+            result = attempt(conn)
+        except ConnectionLost as exc:
+            if exc.sqlstate not in RECOVERY_CONFLICT:
+                node.failed(f"read lost its connection ({exc.sqlstate or 'no sqlstate'})")
+            if replica:
+                return _FAILED
+            raise
+        except DatabaseError as exc:
+            if replica and exc.sqlstate in RECOVERY_CONFLICT:
                 self.counters.inc("conflicts")
-                continue
-            finally:
-                node.release(conn)
-            node.succeeded()
-            node.served.inc()
-            return result
+                return _FAILED
+            raise
+        finally:
+            node.release(conn)
+        node.succeeded()
+        node.served.inc()
+        return result
+
+    def _failover(
+        self,
+        attempt: Callable[[HcConnection], R],
+        need: int,
+        routable: tuple[Node, ...],
+        *,
+        first: Node | None = None,
+        failed: Node | None = None,
+    ) -> R:
+        for node in self._candidates(need, routable, first=first, failed=failed):
+            outcome = self._attempt(node, attempt)
+            if outcome is not _FAILED:
+                return outcome  # type: ignore[return-value]
+            self.counters.inc("failovers")
         raise AssertionError("unreachable: the primary is always the last candidate")
 
-    def _candidates(self, need: int) -> Iterator[Node]:
-        routable = self._routable
-        if routable:
-            first = self._pick(routable)
-            tried = False
-            for node in (first, *(n for n in routable if n is not first)):
-                if node.breaker.state is not _CLOSED:
-                    continue
-                if need and not node.health.caught_up(need, self._max_lsn_age):
-                    continue
-                tried = True
-                yield node
-            if not tried:
-                self.counters.inc("primary_for_token")
-        elif self.replicas:
-            self.counters.inc("primary_degraded")
+    def _candidates(
+        self,
+        need: int,
+        routable: tuple[Node, ...],
+        *,
+        first: Node | None = None,
+        failed: Node | None = None,
+    ) -> Iterator[Node]:
+        """Routable replicas fit for `need`, `first` (else the policy's pick) first, then
+        the primary. `failed` is a replica this read already tried."""
+        if not routable:
+            if self.replicas:
+                self.counters.inc("primary_degraded")
+            yield self.primary
+            return
+        first = first or self._pick(routable)
+        order = routable if first is routable[0] else (
+            first, *(node for node in routable if node is not first)
+        )
+        behind = False
+        offered = failed is not None
+        for node in order:
+            if node is failed or node.breaker.state is not _CLOSED:
+                continue
+            if need and not node.health.caught_up(need, self._max_lsn_age):
+                behind = True
+                continue
+            offered = True
+            yield node
+        if behind and not offered:
+            self.counters.inc("primary_for_token")
         yield self.primary
 
     def _pick(self, routable: tuple[Node, ...]) -> Node:

@@ -84,6 +84,36 @@ def test_a_held_connection_warns_once_with_where_it_was_taken(
     assert db._router.primary.leaks.value == 1
 
 
+def test_a_slow_read_warns_with_the_application_stack(cluster: Cluster, log_sink: Any) -> None:
+    logs: LogSink = log_sink("WARNING")
+    db = cluster.database(pool_leak_threshold=0.05)
+    monitor = db._router.monitor
+    done = threading.Event()
+    started = threading.Event()
+
+    def slow_request() -> None:
+        started.set()
+        Routing(db).slow_where_am_i(seconds=1.0)
+        done.set()
+
+    reader = threading.Thread(target=slow_request)
+    reader.start()
+    started.wait(10)
+
+    def warned() -> bool:
+        monitor.check_now()
+        return bool(logs.matching("has been held"))
+
+    until(warned, "the leak warning for the slow read")
+    reader.join(30)
+    assert done.is_set()
+    [warning] = logs.matching("has been held")
+    assert "replica" in warning
+    # Read while the connection was still out: the caller chain down to the repository call.
+    assert "in slow_request" in warning and "Routing(db).slow_where_am_i" in warning
+    assert "hcrepo/database.py" in warning and "in read" in warning
+
+
 def test_exhaustion_raises_pool_timeout_with_the_pool_stats(cluster: Cluster) -> None:
     db = cluster.database(read_replica_urls=[], pool_min=0, pool_max=2, pool_acquire_timeout=0.2)
     primary = db._router.primary
