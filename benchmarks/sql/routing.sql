@@ -1,0 +1,2 @@
+-- name: touch_patient
+UPDATE patients SET updated_at = now() WHERE id = :id
