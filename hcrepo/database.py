@@ -95,6 +95,11 @@ class Database:
         """
         return self._router.read_after(token)
 
+    def health(self) -> dict[str, Any]:
+        """Routing state: each node's role check, breaker, lag, latency and pool; the
+        counters of failovers, primary fallbacks and degraded episodes. No PHI."""
+        return self._router.stats()
+
     # -- running repository plans ----------------------------------------------------------
 
     def run(self, plan: Plan, args: tuple[Any, ...], sql: str) -> Any:

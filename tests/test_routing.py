@@ -11,8 +11,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from prometheus_client import generate_latest
 
-from hcrepo import ConfigError, Database, InvalidToken, Settings
+from hcrepo import ConfigError, Database, InvalidToken, Settings, metrics
 from hcrepo.consistency import format_lsn, parse_lsn
 from tests.routing_support import Cluster, Found, LogSink, Routing, SlowRelay, ports, until
 from tests.wire import Relay
@@ -59,6 +60,23 @@ def test_replica_pools_refuse_writes(cluster: Cluster) -> None:
     with db._router.replicas[0].connection() as conn:
         row = conn.execute("SHOW default_transaction_read_only").fetchone()
     assert row == ("on",)
+
+
+def test_health_and_prometheus_show_the_routing_state(cluster: Cluster) -> None:
+    db = cluster.database()
+    ports(db, 6)
+    health = db.health()
+    assert health["degraded"] is False and health["routable"] == ["replica1", "replica2"]
+    replica = health["nodes"]["replica1"]
+    assert replica["role"] == "replica" and replica["breaker"] == "closed"
+    assert replica["served"] == 3 and replica["lag_bytes"] is not None
+    assert health["nodes"]["primary"]["role_ok"] is True
+    scraped = generate_latest(metrics.REGISTRY).decode()
+    cluster_label = db._router.cluster
+    assert (
+        f'hcrepo_routing_reads_total{{cluster="{cluster_label}",node="replica1"}}' in scraped
+    )
+    assert "hcrepo_replica_lag_bytes{" in scraped
 
 
 # --- read-your-writes -------------------------------------------------------------------------
