@@ -293,7 +293,12 @@ class Node:
     def routable(self) -> bool:
         """May plain reads go here? (For replicas; the primary always takes reads last.)"""
         health = self.health
-        return self.breaker.state is _CLOSED and health.role_ok and not health.lagging
+        return (
+            self.breaker.state is _CLOSED
+            and health.up is not False  # the latest probe failed: do not wait for the breaker
+            and health.role_ok
+            and not health.lagging
+        )
 
     def verify_role(self, *, in_recovery: bool, started_at: datetime | None) -> None:
         health = self.health

@@ -30,7 +30,7 @@ from hcrepo import consistency, metrics
 from hcrepo.breaker import BreakerState
 from hcrepo.config import RoutingPolicy, Settings
 from hcrepo.counters import Counters
-from hcrepo.errors import ConnectionLost, DatabaseError, PoolTimeout
+from hcrepo.errors import ConnectionLost, DatabaseError, HcrepoError, PoolTimeout
 from hcrepo.health import HealthMonitor
 from hcrepo.node import Node, address
 from hcrepo.pipeline import HcConnection
@@ -86,22 +86,23 @@ class Router:
         """Fill the primary's pool, probe every node once (roles, lag), start the monitor."""
         self._closed = False
         self.primary.open(self._settings.pool_acquire_timeout)
-        self._ensure_monitor().check_now()
+        self.monitor.check_now()
 
-    def _ensure_monitor(self) -> HealthMonitor:
+    def _ensure_monitor(self) -> HealthMonitor | None:
+        """The running monitor, started on first use; None once the router is closed."""
         with self._lock:
-            monitor = self._monitor
-            if monitor is None:
-                monitor = HealthMonitor(self.primary, self.replicas, self._settings,
-                                        on_cycle=self._refresh)
-                if not self._closed:
-                    monitor.start()
-                    self._monitor = monitor
-            return monitor
+            if self._monitor is None and not self._closed:
+                self._monitor = HealthMonitor(self.primary, self.replicas, self._settings,
+                                              on_cycle=self._refresh)
+                self._monitor.start()
+            return self._monitor
 
     @property
     def monitor(self) -> HealthMonitor:
-        return self._ensure_monitor()
+        monitor = self._ensure_monitor()
+        if monitor is None:
+            raise HcrepoError("the router is closed")
+        return monitor
 
     def close(self) -> None:
         with self._lock:
@@ -147,6 +148,7 @@ class Router:
         try:
             conn = node.acquire(depth=2, held_in_frame=True)
         except (PoolTimeout, ConnectionLost):
+            self._wake_monitor()  # busy or unreachable: let a probe tell which, now
             if replica:
                 return _FAILED
             raise
@@ -155,6 +157,7 @@ class Router:
         except ConnectionLost as exc:
             if exc.sqlstate not in RECOVERY_CONFLICT:
                 node.failed(f"read lost its connection ({exc.sqlstate or 'no sqlstate'})")
+                self._wake_monitor()
             if replica:
                 return _FAILED
             raise
@@ -218,6 +221,11 @@ class Router:
             self.counters.inc("primary_for_token")
         yield self.primary
 
+    def _wake_monitor(self) -> None:
+        monitor = self._monitor
+        if monitor is not None:
+            monitor.wake()
+
     def _pick(self, routable: tuple[Node, ...]) -> Node:
         count = len(routable)
         if count == 1:
@@ -242,21 +250,27 @@ class Router:
         return near[turn % len(near)]
 
     def _refresh(self) -> None:
-        """Recompute the routable replicas (monitor cycle, breaker or role change)."""
+        """Recompute the routable replicas (monitor cycle, breaker or role change); log each
+        replica leaving or rejoining the rotation, and the degraded state, once per change."""
         with self._lock:
-            self._routable = tuple(node for node in self.replicas if node.routable)
-            degraded = bool(self.replicas) and not self._routable
-            changed = degraded != self._degraded
-            self._degraded = degraded
-        if not changed:
-            return
-        if degraded:
+            before = self._routable
+            after = tuple(node for node in self.replicas if node.routable)
+            self._routable = after
+            degraded = bool(self.replicas) and not after
+            was_degraded, self._degraded = self._degraded, degraded
+        for node in self.replicas:
+            if node in before and node not in after:
+                logger.warning("hcrepo: {} taken out of read rotation ({})", node.name,
+                               _why_not(node))
+            elif node in after and node not in before:
+                logger.info("hcrepo: {} back in read rotation", node.name)
+        if degraded and not was_degraded:
             self.counters.inc("degraded_episodes")
             logger.warning("hcrepo: no routable replica ({}): reads go to the primary",
-                           "; ".join(_why_not(node) for node in self.replicas))
-        else:
+                           "; ".join(f"{node.name}: {_why_not(node)}" for node in self.replicas))
+        elif was_degraded and not degraded:
             logger.info("hcrepo: replica reads resumed ({})",
-                        ", ".join(node.name for node in self._routable))
+                        ", ".join(node.name for node in after))
 
     # -- read-your-writes ----------------------------------------------------------------
 
@@ -294,11 +308,13 @@ class Router:
 def _why_not(node: Node) -> str:
     health = node.health
     if node.breaker.state is not _CLOSED:
-        return f"{node.name}: breaker {node.breaker.state}"
+        return f"breaker {node.breaker.state}"
+    if health.up is False:
+        return f"probe failed: {health.error}"
     if not health.role_ok:
-        return f"{node.name}: not a standby"
+        return "not a standby"
     seconds = "unknown" if health.lag_seconds is None else f"{health.lag_seconds:.2f}"
-    return f"{node.name}: lag {health.lag_bytes} bytes, {seconds} s"
+    return f"lag {health.lag_bytes} bytes, {seconds} s"
 
 
 _routers: weakref.WeakSet[Router] = weakref.WeakSet()

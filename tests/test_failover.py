@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from hcrepo.breaker import BreakerState
-from tests.routing_support import Cluster, LogSink, Routing, until
+from hcrepo.embedded import free_port
+from tests.routing_support import DBNAME, Cluster, LogSink, Routing, ports, until
 
 pytest_plugins = ["tests.routing_fixtures"]
 
@@ -183,3 +184,20 @@ def _setting(cluster: Cluster, server: Any, name: str) -> str:
     with cluster.superuser(server) as conn:
         row = conn.execute("SELECT current_setting(%s)", [name]).fetchone()
     return str(row[0]) if row else ""
+
+
+def test_replica_unreachable_at_open_is_skipped_from_the_first_read(
+    cluster: Cluster, log_sink: Any
+) -> None:
+    logs: LogSink = log_sink("WARNING")
+    nowhere = f"postgresql://postgres:x@127.0.0.1:{free_port()}/{DBNAME}"
+    db = cluster.database(read_replica_urls=[nowhere, cluster.replica_urls[1]],
+                          pool_acquire_timeout=5.0)
+    health = db.health()["nodes"]["replica1"]
+    assert health["up"] is False and health["error"] == "OperationalError"
+    assert logs.matching("replica1 taken out of read rotation (probe failed")
+    began = time.monotonic()
+    assert set(ports(db, 10)) == {cluster.replicas[1].port}
+    assert time.monotonic() - began < 2.0  # nobody waited for the dead replica's pool
+    assert db._router.replicas[0]._pool is None
+

@@ -272,6 +272,9 @@ def test_no_routable_replica_degrades_to_the_primary_logged_once(
     assert not router.degraded
     assert len(logs.matching("no routable replica", "replica1: lag", "replica2: lag")) == 1
     assert len(logs.matching("replica reads resumed")) == 1
+    for name in ("replica1", "replica2"):
+        assert len(logs.matching(f"{name} taken out of read rotation (lag")) == 1
+        assert len(logs.matching(f"{name} back in read rotation")) == 1
     stats = router.stats()
     assert stats["degraded_episodes"] == 1
     assert stats["primary_degraded"] == 5
