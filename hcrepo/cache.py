@@ -56,7 +56,7 @@ from hcrepo.tenancy import Context
 if TYPE_CHECKING:
     from hcrepo.repository import Plan
 
-# Past this many queued tag invalidations a clinic's epoch is invalidated instead.
+# Past this many queued tag invalidations, whole namespaces (clinics) are queued instead.
 _MAX_PENDING = 10_000
 _POLL_FIRST, _POLL_MAX = 0.002, 0.05
 _RETRY_FIRST, _RETRY_MAX = 0.05, 2.0
@@ -156,7 +156,8 @@ class Cache:
         self._mutex = threading.Lock()
         self._flights: dict[str, _Flight] = {}
         self._refreshing: set[str] = set()
-        self._pending: dict[str, set[str]] = {}
+        # Generation keys to retire, by namespace (its tags prefix); None = all of them.
+        self._pending: dict[str, set[str] | None] = {}
         self._pending_count = 0
         self._retrier: threading.Thread | None = None
         self._refresher: ThreadPoolExecutor | None = None
@@ -184,24 +185,23 @@ class Cache:
             entry = self._keys.entry(ns, spec.plan_id, context.clinic_id, args)
         except Uncacheable:
             return self._bypass(spec, "uncacheable_arguments", load)
-        generations = [ns.epoch]
+        generations: list[str] = []
         if plan.cache is not None and plan.cache.tags:
             tag_key = self._keys.tag_key
-            generations += [tag_key(ns, tag) for tag in plan.tags(plan.cache.tags, args)]
+            generations = [tag_key(ns, tag) for tag in plan.tags(plan.cache.tags, args)]
         call = _Call(spec, self._keys.value_key(ns, entry), self._keys.lock_key(ns, entry),
                      generations, load)
         try:
-            reply = self._store.read([call.key, call.lock, *generations])
+            raw, *current = self._store.read([call.key, *generations])
         except REDIS_ERRORS as exc:
             self._redis_failed(spec.query, exc)
             return self._bypass(spec, "redis_unavailable", load)
         self._redis_ok()
-        raw, lock_holder, current = reply[0], reply[1], reply[2:]
         if raw is not None:
-            value = self._serve(call, raw, current, refresh=lock_holder is None)
+            value = self._serve(call, raw, current, refresh=True)
             if value is not _MISSING:
                 return value
-        return self._miss(call, lock_holder is not None)
+        return self._miss(call)
 
     def _serve(self, call: _Call, raw: bytes, current: list[bytes | None], *,
                refresh: bool) -> Any:
@@ -230,7 +230,7 @@ class Cache:
             self._refresh(call)
         return value
 
-    def _miss(self, call: _Call, lock_held: bool) -> Any:
+    def _miss(self, call: _Call) -> Any:
         with self._mutex:
             flight = self._flights.get(call.key)
             leader = flight is None or flight.superseded
@@ -244,7 +244,7 @@ class Cache:
             except TimeoutError:
                 return self._bypass(call.spec, "lock_wait_timeout", call.load)
         try:
-            value = self._fill(call, lock_held)
+            value = self._fill(call)
         except BaseException as exc:
             flight.future.set_exception(exc)
             raise
@@ -256,10 +256,11 @@ class Cache:
                 if self._flights.get(call.key) is flight:
                     del self._flights[call.key]
 
-    def _fill(self, call: _Call, lock_held: bool) -> Any:
+    def _fill(self, call: _Call) -> Any:
         """Read the database under the key's lock, or wait for whoever holds it."""
         spec = call.spec
         deadline = 0.0
+        lock_held = False
         while True:
             try:
                 if not lock_held:
@@ -379,9 +380,9 @@ class Cache:
         """Called after COMMIT succeeded, never after a rollback. Never raises."""
         if not tags:
             return
-        groups: dict[str, set[str]] = {}
+        groups: dict[str, set[str] | None] = {}
         for ns in self._keys.namespaces_for_invalidation(context.clinic_id):
-            groups[ns.epoch] = {self._keys.tag_key(ns, tag) for tag in tags}
+            groups[ns.tags] = {self._keys.tag_key(ns, tag) for tag in tags}
         with self._mutex:
             # A miss already in flight read before this commit: later callers must not join it.
             for flight in self._flights.values():
@@ -396,24 +397,29 @@ class Cache:
                 self._redis_failed(None, exc)
         self._queue(groups)
 
-    def _send_invalidations(self, groups: dict[str, set[str]]) -> None:
+    def _send_invalidations(self, groups: dict[str, set[str] | None]) -> None:
         tombstone = _TOMBSTONE + new_token() if self._tombstone_ms else None
-        self._store.invalidate([sorted(keys) for keys in groups.values()], tombstone,
-                               self._tombstone_ms)
+        listed = [sorted(keys) for keys in groups.values() if keys is not None]
+        if listed:
+            self._store.invalidate(listed, tombstone, self._tombstone_ms)
+        for tags_prefix, keys in groups.items():
+            if keys is None:
+                self._store.invalidate_namespace(tags_prefix, tombstone, self._tombstone_ms)
 
-    def _queue(self, groups: dict[str, set[str]]) -> None:
-        added = sum(len(keys) for keys in groups.values())
+    def _queue(self, groups: dict[str, set[str] | None]) -> None:
         metrics.CACHE_INVALIDATION_FAILURES.inc()
         with self._mutex:
             first = not self._pending
-            before = self._pending_count
-            for epoch, keys in groups.items():
-                self._pending.setdefault(epoch, set()).update(keys)
-            if before + added > _MAX_PENDING:
-                # Bounded memory: invalidate whole clinics (their epochs) instead of tags.
-                self._pending = {epoch: {epoch} for epoch in self._pending}
-            self._pending_count = sum(len(keys) for keys in self._pending.values())
-            metrics.CACHE_PENDING_INVALIDATIONS.inc(self._pending_count - before)
+            for tags_prefix, keys in groups.items():
+                if tags_prefix not in self._pending:
+                    self._pending[tags_prefix] = set()
+                held = self._pending[tags_prefix]
+                if held is not None and keys is not None:
+                    held.update(keys)
+            if self._count_pending() > _MAX_PENDING:
+                # Bounded memory: retire every generation of the namespaces concerned.
+                self._pending = dict.fromkeys(self._pending)
+            self._update_pending_gauge()
             if self._retrier is None:
                 self._retrier = threading.Thread(
                     target=self._retry_pending, name="hcrepo-cache-invalidate", daemon=True
@@ -427,7 +433,8 @@ class Cache:
         delay = _RETRY_FIRST
         while True:
             with self._mutex:
-                batch = {epoch: set(keys) for epoch, keys in self._pending.items()}
+                batch = {prefix: None if keys is None else set(keys)
+                         for prefix, keys in self._pending.items()}
                 if not batch or self._closed.is_set():
                     self._retrier = None
                     return
@@ -440,19 +447,25 @@ class Cache:
                 continue
             delay = _RETRY_FIRST
             with self._mutex:
-                before = self._pending_count
-                for epoch, keys in batch.items():
-                    left = self._pending.get(epoch, set()) - keys
-                    if left:
-                        self._pending[epoch] = left
-                    else:
-                        self._pending.pop(epoch, None)
-                self._pending_count = sum(len(keys) for keys in self._pending.values())
-                metrics.CACHE_PENDING_INVALIDATIONS.dec(before - self._pending_count)
+                for prefix, sent in batch.items():
+                    held = self._pending.get(prefix)
+                    if held is not None and sent is not None and held - sent:
+                        self._pending[prefix] = held - sent  # queued while this batch ran
+                    elif held is not None or sent is None:
+                        self._pending.pop(prefix, None)
+                self._update_pending_gauge()
                 done = not self._pending
             self._redis_ok()
             if done:
                 logger.info("queued cache invalidations delivered; caching resumes")
+
+    def _count_pending(self) -> int:
+        return sum(1 if keys is None else len(keys) for keys in self._pending.values())
+
+    def _update_pending_gauge(self) -> None:
+        count = self._count_pending()
+        metrics.CACHE_PENDING_INVALIDATIONS.inc(count - self._pending_count)
+        self._pending_count = count
 
     # -- health ----------------------------------------------------------------------------
 
@@ -499,7 +512,7 @@ class Cache:
             codec = ValueCodec(annotation, self._cipher if plan.phi else None)
             spec = _Spec(
                 query=plan.name,
-                plan_id=plan_id(plan.name, sql, codec.schema, CODEC_VERSION),
+                plan_id=plan_id(plan.name, sql, [codec.schema, codec.encrypts], CODEC_VERSION),
                 codec=codec,
                 ttl_ms=int(ttl * 1000),
                 soft_ms=int(ttl * 1000 * self._settings.cache_soft_ttl_ratio),
@@ -541,18 +554,20 @@ class Cache:
             refresher.shutdown(wait=True, cancel_futures=True)
         with self._mutex:
             batch, self._pending = self._pending, {}
+            self._update_pending_gauge()
         if batch:
             try:
                 self._send_invalidations(batch)
             except REDIS_ERRORS:
-                logger.warning("{} cache invalidations could not be delivered before close; "
-                               "the values they cover expire with their TTL",
-                               sum(len(keys) for keys in batch.values()))
+                logger.warning("{} queued cache invalidations could not be delivered before "
+                               "close; the values they cover expire with their TTL",
+                               len(batch))
         self._store.close()
 
 
 def _after_fork_in_child() -> None:
     for cache in list(_caches):
+        cache._store.forget_connections()
         cache._reset_process_state()
 
 

@@ -6,7 +6,7 @@ pays, AES-GCM-encrypted when it is PHI.
     bytes 2-9    soft expiry, ms since the Unix epoch
     bytes 10-13  how long the database read took, µs (for XFetch)
     byte  14     n, the number of generation tokens
-    n x 8 bytes  the generation tokens the value was read under (epoch first, then its tags)
+    n x 8 bytes  the generation tokens of its tags, as they were when its read began
     the rest     JSON, or a 12-byte nonce and the AES-GCM ciphertext of it
 
 The AES-GCM associated data is the Redis key and the header: a ciphertext copied under

@@ -3,7 +3,6 @@
     <prefix>:{c:<clinic>}:v:<query>:<plan id>:<args hash>     a cached value
     <prefix>:{c:<clinic>}:l:<query>:<plan id>:<args hash>     its fill lock
     <prefix>:{c:<clinic>}:t:<tag hash>                        a tag's generation token
-    <prefix>:{c:<clinic>}:e                                   the clinic's epoch (all its values)
     <prefix>:{g}:v:<query>:<plan id>:<clinic>:<args hash>     a non-tenant plan's value
 
 The braces are a Redis Cluster hash tag: a value, its lock and every generation it depends on
@@ -11,8 +10,9 @@ share one slot, so one MGET or one script reads or changes them together. Plans 
 `Repository(tenant=False)` live in the `{g}` namespace and still carry the context's clinic in
 the value key, so a result that row-level security shaped is never shared across clinics.
 
-The plan id hashes the SQL text, the result type's JSON schema and the codec version: editing
-the SQL or the model makes old entries unreachable. Argument and tag hashes are keyed BLAKE2b
+The plan id hashes the SQL text, the result type's JSON schema, whether values are encrypted
+and the codec version: editing the SQL or the model, or marking a query phi=True, makes old
+entries unreachable. Argument and tag hashes are keyed BLAKE2b
 (the key is derived from HCREPO_CACHE_ENCRYPTION_KEY when one is set), so a name in Redis can
 neither be read back nor confirmed by hashing guesses (a date of birth, an SSN).
 """
@@ -40,11 +40,11 @@ class Uncacheable(TypeError):
 class Namespace:
     """The keys of one clinic (or of the non-tenant namespace), sharing one hash tag."""
 
-    __slots__ = ("epoch", "prefix")
+    __slots__ = ("prefix", "tags")
 
     def __init__(self, prefix: str, segment: str) -> None:
         self.prefix = f"{prefix}:{{{segment}}}"
-        self.epoch = f"{self.prefix}:e"
+        self.tags = f"{self.prefix}:t:"  # every generation key of the namespace starts so
 
 
 class KeyMaker:
@@ -95,12 +95,13 @@ class KeyMaker:
         digest = hashlib.blake2b(
             tag.encode(), digest_size=12, key=self._secret, person=b"hcrepo-tags"
         )
-        return f"{ns.prefix}:t:{digest.hexdigest()}"
+        return f"{ns.tags}{digest.hexdigest()}"
 
 
-def plan_id(query_name: str, sql: str, value_schema: object, codec_version: int) -> str:
-    """`<query>:<hash>`: the query name for operators, the hash for the SQL and model."""
-    identity = json.dumps([codec_version, sql, value_schema], sort_keys=True, default=repr)
+def plan_id(query_name: str, sql: str, value_format: object, codec_version: int) -> str:
+    """`<query>:<hash>`: the query name for operators, the hash for the SQL text and the
+    value's format (its type's JSON schema, whether it is encrypted)."""
+    identity = json.dumps([codec_version, sql, value_format], sort_keys=True, default=repr)
     return f"{query_name}:{hashlib.blake2b(identity.encode(), digest_size=6).hexdigest()}"
 
 

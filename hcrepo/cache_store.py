@@ -1,6 +1,6 @@
 """The cache's Redis protocol: one MGET per read, one script per fill step, plain or Cluster.
 
-Generations: every tag (and each clinic's epoch) has a key holding a random 8-byte token. A
+Generations: every tag has a key holding a random 8-byte token. A
 value is stored with the tokens that were current before its database read began, and is
 valid only while all of them still are. Invalidation deletes the tokens (after a commit on
 a server with replicas it writes a longer tombstone instead, see `Cache.invalidate`); the
@@ -13,6 +13,7 @@ or is evicted can never come back with a value an old entry holds.
 from __future__ import annotations
 
 import os
+from collections import deque
 from typing import Any, cast
 
 import redis
@@ -91,19 +92,47 @@ class RedisStore:
             "retry": Retry(NoBackoff(), 0),
         }
         self.client: redis.Redis | RedisCluster
+        self._pool: redis.ConnectionPool | None = None
+        self._idle: deque[Any] = deque()  # read connections (single server only)
         if url.startswith(CLUSTER_SCHEME):
             self.client = RedisCluster.from_url(
                 "redis://" + url.removeprefix(CLUSTER_SCHEME), **options
             )
         else:
             self.client = redis.Redis.from_url(url, **options)
+            self._pool = self.client.connection_pool
         self._begin = self.client.register_script(_BEGIN)
         self._store = self.client.register_script(_STORE)
         self._release = self.client.register_script(_RELEASE)
 
     def read(self, keys: list[str]) -> list[bytes | None]:
-        """One MGET of keys that share a hash tag."""
-        return cast(list[bytes | None], self.client.mget(keys))
+        """One MGET of keys that share a hash tag: the whole cost of a cache hit.
+
+        On a single server it runs on connections of its own, kept in a LIFO deque (append
+        and pop are atomic): redis-py 8's execute_command and pool checkout add retry
+        closures, observability hooks and a poll() per call, together worth a quarter of a
+        loopback GET, and nothing here is retried anyway (failures go to the breaker). A
+        connection that failed mid-reply is dropped, never reused.
+        """
+        pool = self._pool
+        if pool is None:
+            return cast(list[bytes | None], self.client.mget(keys))
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            conn = pool.connection_class(**pool.connection_kwargs)
+        try:
+            conn.send_command("MGET", *keys)
+            reply = conn.read_response()
+        except BaseException:
+            conn.disconnect()
+            raise
+        self._idle.append(conn)
+        return cast(list[bytes | None], reply)
+
+    def forget_connections(self) -> None:
+        """After a fork: the parent's sockets are not ours to use (nor to close)."""
+        self._idle.clear()
 
     def begin(
         self, lock: str, generations: list[str], lock_token: bytes, lock_ms: int, value_ms: int
@@ -146,5 +175,25 @@ class RedisStore:
                     pipe.set(key, tombstone, px=tombstone_ms)
         pipe.execute()
 
+    def invalidate_namespace(
+        self, tags_prefix: str, tombstone: bytes | None, tombstone_ms: int
+    ) -> None:
+        """Every generation key of one namespace (SCAN: the rare, bounded-memory path).
+
+        A fill that began before the commits being caught up on took its tokens then, so
+        SCAN (which returns every key present from start to end) finds and retires them.
+        """
+        pattern = "".join("\\" + c if c in "*?[]\\" else c for c in tags_prefix) + "*"
+        batch: list[str] = []
+        for key in self.client.scan_iter(match=pattern, count=1000):
+            batch.append(key.decode() if isinstance(key, bytes) else key)
+            if len(batch) == 500:
+                self.invalidate([batch], tombstone, tombstone_ms)
+                batch = []
+        if batch:
+            self.invalidate([batch], tombstone, tombstone_ms)
+
     def close(self) -> None:
+        while self._idle:
+            self._idle.pop().disconnect()
         self.client.close()

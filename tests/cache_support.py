@@ -78,6 +78,14 @@ class CacheRepoV2(Repository, sql="sql/cache.sql"):
     def patient(self, *, id: UUID) -> CachedPatient | None: ...
 
 
+class CacheRepoNotPhi(Repository, sql="sql/cache.sql"):
+    """cache_patient without phi=True: stored in plain text, so under other keys."""
+
+    @query("cache_patient")
+    @cached(ttl="patient", tags=["patient:{id}"])
+    def patient(self, *, id: UUID) -> CachedPatient | None: ...
+
+
 class SlimPatient(BaseModel):
     id: UUID
     clinic_id: UUID

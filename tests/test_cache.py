@@ -19,6 +19,7 @@ from tests.cache_support import (
     FAKE_PHI,
     CachedDatabase,
     CacheRepo,
+    CacheRepoNotPhi,
     CacheRepoOtherModel,
     CacheRepoV2,
     Counts,
@@ -218,6 +219,20 @@ def test_changing_the_sql_or_the_model_makes_old_entries_unreachable(
     prefix = db.settings.cache_key_prefix
     assert len(value_keys(raw_redis, prefix, "cache_patient")) == 2
     assert len(value_keys(raw_redis, prefix, "cache_patient_v2")) == 1
+
+
+def test_encrypted_and_plain_values_of_one_query_never_share_a_key(
+    cached_db: CachedDatabase, two_clinics: tuple[Clinic, Clinic]
+) -> None:
+    a, _ = two_clinics
+    db = cached_db()
+    counts = Counts("cache_patient")
+    with db.context(clinic_id=a.id):
+        for _ in range(3):
+            assert CacheRepo(db).patient(id=a.patient_ids[0]) == CacheRepoNotPhi(db).patient(
+                id=a.patient_ids[0]
+            )
+    assert counts["misses"] == 2 and counts["hits"] == 4
 
 
 # --- values -------------------------------------------------------------------------------

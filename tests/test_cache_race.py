@@ -190,12 +190,13 @@ def test_processes_missing_at_once_cost_one_database_query(
         with server.client() as watcher:
             own = watcher.client_id()
 
-            def connected() -> int:
-                return sum(1 for c in watcher.client_list() if int(c["id"]) != own)
+            def missed() -> int:
+                return sum(1 for c in watcher.client_list()
+                           if int(c["id"]) != own and c["cmd"] == "mget")
 
-            # The value cannot exist while the gate is shut, so a process with a Redis
-            # connection has missed: wait until all of them have, then let the query run.
-            until(lambda: gate.waiting() == 1 and connected() == processes, timeout=60,
+            # The value cannot exist while the gate is shut, so each process whose read
+            # connection has sent its MGET has missed: wait for all, then let the query run.
+            until(lambda: gate.waiting() == 1 and missed() == processes, timeout=60,
                   what="every process to miss")
         gate.open()
         outcomes = [results.get(timeout=60) for _ in range(processes)]

@@ -181,7 +181,7 @@ def test_a_failed_invalidation_is_queued_retried_and_bounded_by_the_ttl(
     assert any("queued cache invalidations delivered" in message for _, message in logged)
 
 
-def test_too_many_queued_invalidations_collapse_into_the_clinic_epoch(
+def test_too_many_queued_invalidations_collapse_into_whole_namespaces(
     cached_db: CachedDatabase, redis: RedisServer, own_clinic: Clinic,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -197,13 +197,13 @@ def test_too_many_queued_invalidations_collapse_into_the_clinic_epoch(
         try:
             repo.set_phone_only(id=first, phone="+1 555 0171")  # 2 keys: clinic + non-tenant
             repo.set_phone_only(id=second, phone="+1 555 0172")  # 4 > 3: whole namespaces
-            assert pending() == pending_before + 2  # two epochs instead of four tags
+            assert pending() == pending_before + 2  # two namespaces instead of four tags
         finally:
             admin.client_unpause()
         until(lambda: pending() == pending_before, what="delivery")
         counts = Counts("cache_patient")
         assert repo.patient(id=untouched) is not None
-        assert counts["misses"] == 1  # no tag of it was written, but its clinic epoch was
+        assert counts["misses"] == 1  # no write named its tag, but its whole clinic was retired
 
 
 # --- the breaker itself -------------------------------------------------------------------------
