@@ -128,8 +128,9 @@ def test_replica_crash_under_load_fails_no_read(
 
     stats = db._router.stats()
     figures = (
-        f"failover figures: reads attempted {load.attempted}, reads failed "
-        f"{len(load.failures)}, failovers {stats['failovers']}, breaker opened "
+        f"failover figures: reads attempted {load.attempted} ("
+        f"{sum(load.served.get('down', Counter()).values())} while the replica was down), "
+        f"reads failed {len(load.failures)}, failovers {stats['failovers']}, breaker opened "
         f"{opened_after:.3f}s after the crash, closed {closed_after:.3f}s after the restart, "
         f"first read on the restarted replica {back_after:.3f}s after it"
     )
