@@ -48,6 +48,7 @@ SQL_DIR = Path(__file__).parent / "sql"
 RAW = "raw psycopg_pool, query only (superuser: no context, no RLS)"
 RAW_SAME = "raw psycopg_pool, same work (context + query in one pipeline, RLS)"
 NO_ROUTER = "hcrepo's statements on raw pools (no router)"
+BARE = "hcrepo's pipeline, query only (superuser: no context, no RLS)"
 ROUTED = "hcrepo Database (router)"
 TOKEN = "hcrepo Database, caught-up token"
 _SET_CONTEXT = (
@@ -163,6 +164,11 @@ def main() -> str:
         app_pools = _pools(app_urls, kwargs={"autocommit": True})
         hc_pools = _pools(app_urls, connection_class=HcConnection,
                           kwargs={"autocommit": True, "prepare_threshold": None})
+        bare_pools = _pools(
+            [r.url(password=r.superuser_password, dbname=DBNAME) for r in replicas],
+            connection_class=HcConnection,
+            kwargs={"autocommit": True, "prepare_threshold": None},
+        )
         plan = Patients.__plans__["get"]
 
         def raw_query_only() -> object:
@@ -181,6 +187,11 @@ def main() -> str:
             statements = [context_statement(context), Statement(plan.sql, (next(ids),))]
             with hc_pools[next(turn) % 2].connection() as conn:
                 results = hc_pipeline.run(conn, statements)
+                return plan.shape.build(results[-1], conn.transformer, plan.name, plan.source)
+
+        def hcrepo_query_only() -> object:
+            with bare_pools[next(turn) % 2].connection() as conn:
+                results = hc_pipeline.run(conn, [Statement(plan.sql, (next(ids),))])
                 return plan.shape.build(results[-1], conn.transformer, plan.name, plan.source)
 
         assert raw_same_work() is not None, "the raw variant's context was not applied"
@@ -219,13 +230,14 @@ def main() -> str:
                 RAW: (plain, raw_query_only),
                 RAW_SAME: (plain, raw_same_work),
                 NO_ROUTER: (plain, hcrepo_without_router),
+                BARE: (plain, hcrepo_query_only),
                 ROUTED: (plain, read),
                 TOKEN: (carrying_token, read),
             })
             after = _served(db)
             plain.stop()
             carrying_token.stop()
-        for pools in (superuser_pools, app_pools, hc_pools):
+        for pools in (superuser_pools, app_pools, hc_pools, bare_pools):
             for pool in pools:
                 pool.close()
     return _report(medians, *(a - b for a, b in zip(after, before, strict=True)))
