@@ -512,7 +512,8 @@ class Cache:
             codec = ValueCodec(annotation, self._cipher if plan.phi else None)
             spec = _Spec(
                 query=plan.name,
-                plan_id=plan_id(plan.name, sql, [codec.schema, codec.encrypts], CODEC_VERSION),
+                plan_id=plan_id(plan.name, sql, [codec.schema, codec.encrypts, plan.cache.tags],
+                                CODEC_VERSION),
                 codec=codec,
                 ttl_ms=int(ttl * 1000),
                 soft_ms=int(ttl * 1000 * self._settings.cache_soft_ttl_ratio),

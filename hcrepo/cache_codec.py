@@ -6,15 +6,18 @@ pays, AES-GCM-encrypted when it is PHI.
     bytes 2-9    soft expiry, ms since the Unix epoch
     bytes 10-13  how long the database read took, µs (for XFetch)
     byte  14     n, the number of generation tokens
+    bytes 15-22  fingerprint of the Redis key the entry was written under
     n x 8 bytes  the generation tokens of its tags, as they were when its read began
     the rest     JSON, or a 12-byte nonce and the AES-GCM ciphertext of it
 
-The AES-GCM associated data is the Redis key and the header: a ciphertext copied under
-another key (another clinic's) or with edited tokens fails to authenticate and is a miss.
+An entry read under any other key than its own (copied, or a reply crossed on a confused
+connection) is a miss: plain entries by the fingerprint, encrypted ones also because the
+AES-GCM associated data is the key and the header, so edited tokens fail to authenticate too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 import zlib
@@ -30,7 +33,7 @@ CODEC_VERSION = 1
 TOKEN_SIZE = 8
 ENCRYPTED = 1
 COMPRESSED = 2
-_HEAD = struct.Struct(">BBQIB")
+_HEAD = struct.Struct(">BBQIB8s")
 _NONCE = 12
 _COMPRESS_FROM = 1024
 
@@ -43,6 +46,7 @@ class Entry(NamedTuple):
     flags: int
     soft_expiry_ms: int
     load_us: int
+    fingerprint: bytes
     tokens: bytes  # the n tokens, concatenated: compared to the current ones in one step
     body_start: int
 
@@ -50,11 +54,16 @@ class Entry(NamedTuple):
 def read_header(raw: bytes) -> Entry:
     if len(raw) < _HEAD.size or raw[0] != CODEC_VERSION:
         raise Unreadable("not an entry of this codec version")
-    _, flags, soft_expiry_ms, load_us, count = _HEAD.unpack_from(raw)
+    _, flags, soft_expiry_ms, load_us, count, fingerprint = _HEAD.unpack_from(raw)
     body_start = _HEAD.size + count * TOKEN_SIZE
     if len(raw) < body_start:
         raise Unreadable("truncated entry")
-    return Entry(flags, soft_expiry_ms, load_us, raw[_HEAD.size:body_start], body_start)
+    return Entry(flags, soft_expiry_ms, load_us, fingerprint, raw[_HEAD.size:body_start],
+                 body_start)
+
+
+def fingerprint(key: str) -> bytes:
+    return hashlib.blake2b(key.encode(), digest_size=8).digest()
 
 
 def rewrite_soft_expiry(raw: bytes, soft_expiry_ms: int) -> bytes:
@@ -63,7 +72,7 @@ def rewrite_soft_expiry(raw: bytes, soft_expiry_ms: int) -> bytes:
     if entry.flags & ENCRYPTED:
         raise Unreadable("an encrypted entry's header is authenticated and cannot change")
     head = _HEAD.pack(CODEC_VERSION, entry.flags, soft_expiry_ms, entry.load_us,
-                      len(entry.tokens) // TOKEN_SIZE)
+                      len(entry.tokens) // TOKEN_SIZE, entry.fingerprint)
     return head + raw[_HEAD.size:]
 
 
@@ -113,13 +122,15 @@ class ValueCodec:
         if self._cipher is not None:
             flags |= ENCRYPTED
         head = _HEAD.pack(CODEC_VERSION, flags, soft_expiry_ms, min(load_us, 0xFFFFFFFF),
-                          len(tokens) // TOKEN_SIZE) + tokens
+                          len(tokens) // TOKEN_SIZE, fingerprint(key)) + tokens
         if self._cipher is None:
             return head + body
         nonce = os.urandom(_NONCE)
         return head + nonce + self._cipher.encrypt(nonce, body, key.encode() + head)
 
     def decode(self, raw: bytes, entry: Entry, *, key: str) -> Any:
+        if entry.fingerprint != fingerprint(key):
+            raise Unreadable("entry of another key")
         body = raw[entry.body_start:]
         try:
             if entry.flags & ENCRYPTED:

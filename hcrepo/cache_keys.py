@@ -10,9 +10,9 @@ share one slot, so one MGET or one script reads or changes them together. Plans 
 `Repository(tenant=False)` live in the `{g}` namespace and still carry the context's clinic in
 the value key, so a result that row-level security shaped is never shared across clinics.
 
-The plan id hashes the SQL text, the result type's JSON schema, whether values are encrypted
-and the codec version: editing the SQL or the model, or marking a query phi=True, makes old
-entries unreachable. Argument and tag hashes are keyed BLAKE2b
+The plan id hashes the SQL text, the result type's JSON schema, whether values are encrypted,
+the tag templates and the codec version: editing the SQL, the model or the tags, or marking a
+query phi=True, makes old entries unreachable. Argument and tag hashes are keyed BLAKE2b
 (the key is derived from HCREPO_CACHE_ENCRYPTION_KEY when one is set), so a name in Redis can
 neither be read back nor confirmed by hashing guesses (a date of birth, an SSN).
 """
@@ -100,7 +100,7 @@ class KeyMaker:
 
 def plan_id(query_name: str, sql: str, value_format: object, codec_version: int) -> str:
     """`<query>:<hash>`: the query name for operators, the hash for the SQL text and the
-    value's format (its type's JSON schema, whether it is encrypted)."""
+    value's format (its type's JSON schema, whether it is encrypted, the tags it carries)."""
     identity = json.dumps([codec_version, sql, value_format], sort_keys=True, default=repr)
     return f"{query_name}:{hashlib.blake2b(identity.encode(), digest_size=6).hexdigest()}"
 

@@ -86,6 +86,14 @@ class CacheRepoNotPhi(Repository, sql="sql/cache.sql"):
     def patient(self, *, id: UUID) -> CachedPatient | None: ...
 
 
+class CacheRepoUntagged(Repository, sql="sql/cache.sql"):
+    """cache_patient_count with no tags and no PHI: nothing but its key protects it."""
+
+    @query("cache_patient_count")
+    @cached(ttl=60)
+    def count(self) -> int: ...
+
+
 class SlimPatient(BaseModel):
     id: UUID
     clinic_id: UUID

@@ -21,6 +21,7 @@ from tests.cache_support import (
     CacheRepo,
     CacheRepoNotPhi,
     CacheRepoOtherModel,
+    CacheRepoUntagged,
     CacheRepoV2,
     Counts,
     PlainCount,
@@ -101,20 +102,25 @@ def test_an_entry_copied_under_another_clinics_key_is_refused(
 ) -> None:
     a, b = two_clinics
     db = cached_db()
-    repo = CacheRepo(db)
-    patient = a.patient_ids[0]
     prefix = db.settings.cache_key_prefix
-    with db.context(clinic_id=a.id):
-        assert repo.patient(id=patient) is not None
-    with db.context(clinic_id=b.id):
-        assert repo.patient(id=patient) is None
-    [key_a] = [k for k in value_keys(raw_redis, prefix, "cache_patient") if a.id.hex.encode() in k]
-    [key_b] = [k for k in value_keys(raw_redis, prefix, "cache_patient") if b.id.hex.encode() in k]
-    raw_redis.set(key_b, raw_redis.get(key_a) or b"", keepttl=True)  # tampering with Redis
+    phi, plain = CacheRepo(db), CacheRepoUntagged(db)
+    patient = a.patient_ids[0]
+    for clinic in (a, b):
+        with db.context(clinic_id=clinic.id):
+            phi.patient(id=patient)  # encrypted, tagged
+            plain.count()  # plain text, no tags: only its key tells whose it is
+    for query_name in ("cache_patient", "cache_patient_count"):
+        keys = value_keys(raw_redis, prefix, query_name)
+        [key_a] = [k for k in keys if a.id.hex.encode() in k]
+        [key_b] = [k for k in keys if b.id.hex.encode() in k]
+        raw_redis.set(key_b, raw_redis.get(key_a) or b"", keepttl=True)  # tampering with Redis
     counts = Counts("cache_patient")
+    plain_counts = Counts("cache_patient_count")
     with db.context(clinic_id=b.id):
-        assert repo.patient(id=patient) is None  # AES-GCM binds the entry to its key
+        assert phi.patient(id=patient) is None  # AES-GCM binds the entry to its key
+        assert plain.count() == 1  # the key fingerprint in the header does
     assert counts["misses"] == 1 and counts["hits"] == 0
+    assert plain_counts["misses"] == 1 and plain_counts["hits"] == 0
 
 
 # --- invalidation after commit only -------------------------------------------------------

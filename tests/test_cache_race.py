@@ -26,7 +26,7 @@ from redis.cluster import RedisCluster
 
 from hcrepo import Database, Settings, bind_context
 from hcrepo.cache_codec import read_header, rewrite_soft_expiry
-from hcrepo.embedded import RedisServer
+from hcrepo.embedded import PostgresServer, RedisServer
 from tests.cache_support import (
     ENCRYPTION_KEY,
     CachedDatabase,
@@ -39,7 +39,7 @@ from tests.cache_support import (
     value_keys,
 )
 from tests.plugins.database import Database as ServerDatabase
-from tests.plugins.servers import RedisFactory
+from tests.plugins.servers import RedisFactory, WaitReplayed
 from tests.repos import Clinic, new_clinic
 
 pytest_plugins = ["tests.cache_fixtures"]
@@ -279,3 +279,29 @@ def test_xfetch_refreshes_early_only_when_enabled(
     else:
         assert counts["refreshes"] == 0
         assert statement_calls("cache_gated_count") - calls == 1
+
+
+# --- replicas -------------------------------------------------------------------------------
+
+
+def test_fills_right_after_a_commit_are_not_stored_while_a_replica_may_lag(
+    cached_db: CachedDatabase, own_clinic: Clinic, migrated_db: ServerDatabase,
+    pg_replica: PostgresServer, wait_replayed: WaitReplayed,
+) -> None:
+    wait_replayed(pg_replica)  # the clinic's rows are on the replica
+    # The lag window is HCREPO_MAX_LAG_SECONDS plus two health intervals: 0.7 s here.
+    db = cached_db(read_replica_urls=[migrated_db.replica_app_url(pg_replica)],
+                   max_lag_seconds=0.5, health_interval=0.1)
+    repo = CacheRepo(db)
+    patient = own_clinic.patient_ids[0]
+    with db.context(clinic_id=own_clinic.id, actor_id=own_clinic.actor_id):
+        assert repo.count() == 2
+        counts = Counts("cache_patient_count")
+        repo.set_phone(id=patient, phone="+1 555 0181")  # commits, tombstones "patients"
+        # A replica may not have replayed the commit yet: what a fill reads now is returned
+        # but never stored (nor is the old value served).
+        assert repo.count() == 2 and repo.count() == 2
+        assert counts["replica_lag_window"] == 2 and counts["hits"] == 0
+        until(lambda: repo.count() == 2 and counts["misses"] == 1, what="the window to pass")
+        assert repo.count() == 2
+        assert counts["hits"] == 1

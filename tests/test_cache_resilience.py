@@ -5,6 +5,7 @@ Each test runs its own Redis from redis_factory, so the session's server is left
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 import threading
 import time
 from collections.abc import Iterator
@@ -226,3 +227,49 @@ def test_breaker_opens_lets_one_probe_through_and_closes_on_success() -> None:
     assert breaker.allow() and breaker.success()  # the probe worked: closed
     assert breaker.state is BreakerState.CLOSED and breaker.allow() and breaker.allow()
     assert not breaker.failure() and breaker.success() is False  # below the threshold
+
+
+# --- fork ------------------------------------------------------------------------------------
+
+
+def test_a_forked_child_reads_on_its_own_redis_connections(
+    cached_db: CachedDatabase, redis: RedisServer, own_clinic: Clinic,
+    migrated_db: ServerDatabase,
+) -> None:
+    db = cached_db(redis_url=redis.url)
+    other = new_clinic(migrated_db.superuser_url, patients=1)
+    for clinic in (own_clinic, other):
+        with db.context(clinic_id=clinic.id):
+            CacheRepo(db).count()  # cached; the parent's read connection is idle, pooled
+    fork = multiprocessing.get_context("fork")
+    results = fork.Queue()
+    start = fork.Barrier(2)
+
+    def errors() -> float:
+        return sum(metric("hcrepo_cache_errors", query="cache_patient_count", kind=kind)
+                   for kind in ("redis", "unreadable"))
+
+    def child() -> None:
+        with db.context(clinic_id=other.id):
+            start.wait(timeout=30)
+            values = [CacheRepo(db).count() for _ in range(500)]
+            results.put((values, errors() - errors_before))
+
+    errors_before = errors()
+
+    process = fork.Process(target=child)
+    process.start()
+    try:
+        # Both read at once, different clinics: a socket shared with the parent would hand
+        # each side the other's replies (or garble them).
+        with db.context(clinic_id=own_clinic.id):
+            start.wait(timeout=30)
+            parent = [CacheRepo(db).count() for _ in range(500)]
+        from_child, child_errors = results.get(timeout=60)
+    finally:
+        process.join(timeout=30)
+        if process.is_alive():
+            process.kill()
+    assert process.exitcode == 0
+    assert parent == [3] * 500 and from_child == [1] * 500
+    assert errors() - errors_before == 0 and child_errors == 0  # and no crossed replies
