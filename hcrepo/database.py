@@ -15,13 +15,15 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from uuid import UUID
 
 import tenacity
+from prometheus_client import generate_latest
 
-from hcrepo import pipeline, tenancy
+from hcrepo import metrics, pipeline, tenancy
 from hcrepo.cache import Cache
 from hcrepo.config import Settings
 from hcrepo.driver_errors import RETRYABLE_SQLSTATES
 from hcrepo.errors import CommitOutcomeUnknown, ConnectionLost, DatabaseError
 from hcrepo.execution import context_statement, fetch_lsn, run_or_translate, stream_rows
+from hcrepo.observer import Observer
 from hcrepo.pipeline import HcConnection, Statement
 from hcrepo.routing import Router
 from hcrepo.tenancy import Context
@@ -44,6 +46,7 @@ class Database:
         self.settings = settings
         self._router = Router(settings)
         self._cache: Cache | None = Cache.from_settings(settings)
+        self.observer = Observer(settings.slow_query_threshold_ms)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Database:
@@ -94,6 +97,11 @@ class Database:
         A malformed token raises `InvalidToken`.
         """
         return self._router.read_after(token)
+
+    def metrics(self) -> str:
+        """Every hcrepo metric in Prometheus' text format (query latency and errors, cache,
+        routing); labels are query names and fixed words, never values."""
+        return generate_latest(metrics.REGISTRY).decode()
 
     def health(self) -> dict[str, Any]:
         """Routing state: each node's role check, breaker, lag, latency and pool; the
@@ -189,6 +197,7 @@ class Database:
             read_only=read_only,
             track_lsn=bool(self._router.replicas),
             on_commit=lambda uow: self._committed(uow.context, uow.invalidations, uow.commit_lsn),
+            observer=self.observer,
         )
 
     def transaction(

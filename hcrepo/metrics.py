@@ -7,7 +7,7 @@ nothing a caller passes can reach a label (invariant 7). Expose with
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -59,5 +59,22 @@ CACHE_PENDING_INVALIDATIONS = Gauge(
 )
 CACHE_BREAKERS_OPEN = Gauge(
     "hcrepo_cache_breakers_open", "Redis circuit breakers of caches in this process now open",
+    registry=REGISTRY,
+)
+
+# --- repository calls (hcrepo.observer) ---------------------------------------------------
+
+QUERY_SECONDS = Histogram(
+    "hcrepo_query_seconds",
+    "Wall time of repository calls, cache hits included, by query name",
+    ["query", "kind"], registry=REGISTRY,
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
+)
+QUERY_ERRORS = Counter(
+    "hcrepo_query_errors", "Repository calls that raised, by query name and error class",
+    ["query", "error"], registry=REGISTRY,
+)
+SLOW_QUERIES = Counter(
+    "hcrepo_slow_queries", "Repository calls slower than SLOW_QUERY_THRESHOLD", ["query"],
     registry=REGISTRY,
 )

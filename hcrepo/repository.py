@@ -14,6 +14,7 @@ import sys
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from time import perf_counter
 from typing import Any, ClassVar, NamedTuple, ParamSpec, Protocol, TypeVar
 
 from hcrepo import sqlfile
@@ -24,6 +25,7 @@ from hcrepo.errors import (
     SqlFileError,
     TenantContextMissing,
 )
+from hcrepo.observer import Observer
 from hcrepo.results import Shape, shape_for
 from hcrepo.tenancy import Context
 
@@ -135,6 +137,9 @@ class Plan:
 
 class Runner(Protocol):
     """A `Database` or a `UnitOfWork`: something that can execute a plan."""
+
+    @property
+    def observer(self) -> Observer: ...
 
     def run(self, plan: Plan, args: tuple[Any, ...], sql: str) -> Any: ...
 
@@ -274,7 +279,15 @@ def _method(plan: Plan, declared: Callable[..., Any]) -> Callable[..., Any]:
 
     def method(self: Repository, **kwargs: Any) -> Any:
         args, sql = bind(kwargs)
-        return self._runner.run(plan, args, sql)
+        runner = self._runner
+        started = perf_counter()
+        try:
+            return runner.run(plan, args, sql)
+        except BaseException as error:
+            runner.observer.failed(plan, error)
+            raise
+        finally:
+            runner.observer.finished(plan, perf_counter() - started)
 
     method.__name__ = declared.__name__
     method.__qualname__ = declared.__qualname__

@@ -30,6 +30,7 @@ from hcrepo.errors import (
     HcrepoError,
 )
 from hcrepo.execution import context_statement, fetch_lsn, stream_rows
+from hcrepo.observer import Observer
 from hcrepo.pipeline import HcConnection, PipelineError, Statement
 from hcrepo.tenancy import Context
 
@@ -108,8 +109,10 @@ class UnitOfWork:
         read_only: bool = False,
         on_commit: Callable[[UnitOfWork], None] | None = None,
         track_lsn: bool = False,
+        observer: Observer | None = None,
     ) -> None:
         self.context = context
+        self.observer = observer or Observer(slow_query_ms=0)
         self.read_only = read_only
         self.wrote = False
         self.committed = False
