@@ -1,7 +1,7 @@
 """Redis cache for repository reads: tenant-safe, invalidated after commit, never in the way.
 
-A read (`fetch`) costs one MGET: the value, its fill lock and the generation tokens of its
-tags (see hcrepo.cache_store). A valid value before its soft TTL is a hit; past it, the stale
+A read (`fetch`) costs one MGET: the value and the generation tokens of its tags (see
+hcrepo.cache_store). A valid value before its soft TTL is a hit; past it, the stale
 value is served while exactly one caller, cluster-wide, refreshes it in the background
 (XFetch may start that refresh a little early). A miss fills under a Redis lock: threads of
 one process share one flight, other processes wait a bounded time for the lock holder's
@@ -352,16 +352,22 @@ class Cache:
             with self._mutex:
                 self._refreshing.discard(call.key)
             return
-        call.spec.counters.refreshes.inc()
         with self._mutex:
             if self._refresher is None:
                 self._refresher = ThreadPoolExecutor(
                     max_workers=2, thread_name_prefix="hcrepo-cache-refresh"
                 )
             refresher = self._refresher
-        # The caller's contextvars go along: read-your-writes routing sees the same state.
-        refresher.submit(contextvars.copy_context().run, self._refresh_job, call, tokens,
-                         lock_token)
+        try:
+            # The caller's contextvars go along: read-your-writes routing sees the same state.
+            refresher.submit(contextvars.copy_context().run, self._refresh_job, call, tokens,
+                             lock_token)
+        except RuntimeError:  # closing: leave the stale value to its TTL
+            self._quietly(call.spec.query, self._store.release, call.lock, lock_token)
+            with self._mutex:
+                self._refreshing.discard(call.key)
+            return
+        call.spec.counters.refreshes.inc()
 
     def _refresh_job(self, call: _Call, tokens: list[bytes], lock_token: bytes) -> None:
         try:

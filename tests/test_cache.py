@@ -369,7 +369,6 @@ def test_without_redis_or_when_disabled_reads_go_to_the_database(
     a, _ = two_clinics
     counts = Counts("cache_patient_count")
     for db in (make_db(redis_url=""), make_db(redis_url=cache_redis_url, cache_enabled=False)):
-        assert db._cache is None
         with db.context(clinic_id=a.id):
             assert CacheRepo(db).count() == PlainCount(db).count() == 3
     assert counts.delta() == {}
