@@ -529,8 +529,9 @@ class Cache:
         return spec
 
     def _ttl_seconds(self, ttl: int | str, query: str) -> float:
+        """Seconds, a preset of HCREPO_CACHE_TTL_PRESETS, or "default" (CACHE_TTL)."""
         if isinstance(ttl, str):
-            presets = self._settings.cache_ttl_presets
+            presets = {"default": self._settings.cache_ttl, **self._settings.cache_ttl_presets}
             if ttl not in presets:
                 raise ConfigError("HCREPO_CACHE_TTL_PRESETS",
                                   f"has no preset {ttl!r} (used by {query})")

@@ -87,10 +87,11 @@ class CacheRepoNotPhi(Repository, sql="sql/cache.sql"):
 
 
 class CacheRepoUntagged(Repository, sql="sql/cache.sql"):
-    """cache_patient_count with no tags and no PHI: nothing but its key protects it."""
+    """cache_patient_count with no tags and no PHI (nothing but its key protects it), kept
+    for CACHE_TTL."""
 
     @query("cache_patient_count")
-    @cached(ttl=60)
+    @cached(ttl="default")
     def count(self) -> int: ...
 
 
