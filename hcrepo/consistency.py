@@ -26,6 +26,12 @@ _written: ContextVar[Mapping[str, int]] = ContextVar("hcrepo_written_lsn", defau
 _awaited: ContextVar[Mapping[str, int]] = ContextVar("hcrepo_awaited_lsn", default=_NONE)
 
 _LSN = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})")
+# PostgreSQL's defaults (XLOG_BLCKSZ, wal_segment_size) and page header sizes. With other
+# sizes `commit_end` changes nothing, which only sends more reads to the primary.
+_WAL_PAGE = 8192
+_WAL_SEGMENT = 16 * 1024 * 1024
+_SHORT_PAGE_HEADER = 24
+_LONG_PAGE_HEADER = 40
 
 
 class InvalidToken(HcrepoError, ValueError):
@@ -38,6 +44,20 @@ def parse_lsn(text: str) -> int:
     if found is None:
         raise InvalidToken('a read-your-writes token looks like "16/B374D848"')
     return (int(found.group(1), 16) << 32) | int(found.group(2), 16)
+
+
+def commit_end(insert_lsn: int) -> int:
+    """The end of the last WAL record, given the insert position read right after it.
+
+    When a record ends exactly at a WAL page boundary, the insert position already points
+    past the next page's header, while a replica that replayed the record reports the
+    boundary itself: without this, an idle replica would look behind forever.
+    """
+    if insert_lsn % _WAL_SEGMENT == _LONG_PAGE_HEADER:
+        return insert_lsn - _LONG_PAGE_HEADER
+    if insert_lsn % _WAL_PAGE == _SHORT_PAGE_HEADER:
+        return insert_lsn - _SHORT_PAGE_HEADER
+    return insert_lsn
 
 
 def format_lsn(lsn: int) -> str:

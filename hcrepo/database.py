@@ -17,17 +17,23 @@ from uuid import UUID
 import tenacity
 from prometheus_client import generate_latest
 
-from hcrepo import metrics, pipeline, tenancy
+from hcrepo import metrics, tenancy
 from hcrepo.cache import Cache
 from hcrepo.config import Settings
 from hcrepo.driver_errors import RETRYABLE_SQLSTATES
 from hcrepo.errors import CommitOutcomeUnknown, ConnectionLost, DatabaseError
-from hcrepo.execution import context_statement, fetch_lsn, run_or_translate, stream_rows
+from hcrepo.execution import (
+    context_statement,
+    ensure_open,
+    fetch_lsn,
+    run_or_translate,
+    stream_rows,
+)
 from hcrepo.observer import Observer
 from hcrepo.pipeline import HcConnection, Statement
 from hcrepo.routing import Router
 from hcrepo.tenancy import Context
-from hcrepo.unit_of_work import UnitOfWork, ensure_open, open_unit
+from hcrepo.unit_of_work import UnitOfWork, open_unit
 
 if TYPE_CHECKING:
     from hcrepo.repository import Plan
@@ -127,7 +133,8 @@ class Database:
         statements = [context_statement(context, plan.query.timeout_ms), Statement(sql, args)]
 
         def attempt(conn: HcConnection) -> Any:
-            results = run_or_translate(conn, statements, plan)
+            results = run_or_translate(conn, statements, plan.name, plan.source,
+                                       before=plan.name)
             return plan.shape.build(results[-1], conn.transformer, plan.name, plan.source)
 
         return self._router.read(attempt)
@@ -139,10 +146,23 @@ class Database:
         ]
         if self._router.replicas:
             statements.append(fetch_lsn())
+        for attempt in (1, 2):
+            try:
+                return self._write_once(plan, args, statements, context)
+            except ConnectionLost:
+                # Raised only when the pooled connection was found dead before a byte was
+                # sent: nothing can have been committed, a fresh connection may try again.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _write_once(
+        self, plan: Plan, args: tuple[Any, ...], statements: list[Statement], context: Context
+    ) -> Any:
         with self._router.primary.connection() as conn:
             ensure_open(conn, before=plan.name, query=plan.name)
             try:
-                results = run_or_translate(conn, statements, plan)
+                results = run_or_translate(conn, statements, plan.name, plan.source)
             except ConnectionLost as exc:
                 # The write and its implicit COMMIT were sent: it may have been committed.
                 raise CommitOutcomeUnknown(
@@ -268,7 +288,8 @@ class Database:
         only its own clinic's rows.
         """
         with self._router.primary.connection() as conn:
-            result = pipeline.run(conn, [Statement(_LIST_CLINICS)])[0]
+            listing = [context_statement(tenancy.EMPTY), Statement(_LIST_CLINICS)]
+            result = run_or_translate(conn, listing, "for_each_clinic", "Database")[-1]
             conn.transformer.set_pgresult(result)
             clinic_ids = [row[0] for row in conn.transformer.load_rows(0, result.ntuples, tuple)]
         outcome: dict[UUID, R] = {}

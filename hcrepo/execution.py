@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import select
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,11 @@ _SET_CONTEXT = (
 )
 _SET_CONTEXT_TIMEOUT = _SET_CONTEXT + ", set_config('statement_timeout', $3, true)"
 STREAM_CHUNK = 2000
+# The server ends the session: admin_shutdown (pg_terminate_backend), crash_shutdown,
+# cannot_connect_now. Class 08 is connection_exception.
+_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03"})
+# Rounds of reading what the server sent unasked before COMMIT (notices, a FATAL, EOF).
+_PREFLIGHT_READS = 8
 _cursor_ids = itertools.count(1)
 
 
@@ -37,18 +43,71 @@ def fetch_lsn() -> Statement:
     return Statement("SELECT pg_current_wal_insert_lsn()::text")
 
 
+def timeout_statements(timeout_ms: int) -> tuple[Statement, Statement]:
+    """A `-- timeout:` inside an open transaction: set it for one statement, then restore."""
+    return (
+        Statement("SELECT set_config('statement_timeout', $1, true)", (str(timeout_ms),)),
+        Statement("SET LOCAL statement_timeout TO DEFAULT"),
+    )
+
+
+def session_ended(conn: HcConnection, error: psycopg.Error | None = None) -> bool:
+    """True when the connection is gone, or the server said it is ending the session."""
+    sqlstate = error.sqlstate if error is not None else None
+    return conn.closed or bool(
+        sqlstate and (sqlstate.startswith("08") or sqlstate in _SESSION_ENDED)
+    )
+
+
+def ensure_open(conn: HcConnection, *, before: str = "COMMIT", query: str | None = None) -> None:
+    """Raise `ConnectionLost` if the server has already closed `conn`, without sending a byte.
+
+    A terminated backend sends a FATAL and closes its socket while the client is idle; reading
+    what is already there (non-blocking) tells "died before we sent anything" apart from
+    "died while our statement was in flight", which is what decides whether a COMMIT (or an
+    autocommit write) may be retried.
+    """
+    poller = select.poll()
+    poller.register(conn.pgconn.socket, select.POLLIN)
+    try:
+        for _ in range(_PREFLIGHT_READS):
+            if not poller.poll(0):
+                break
+            conn.pgconn.consume_input()
+    except psycopg.OperationalError as exc:
+        raise connection_lost(exc, query, before) from exc
+    if conn.closed:
+        raise connection_lost(None, query, before)
+
+
+def connection_lost(
+    error: psycopg.Error | None, query: str | None, before: str = "COMMIT"
+) -> ConnectionLost:
+    return ConnectionLost(
+        f"connection lost before {before} was sent; nothing was committed",
+        sqlstate=error.sqlstate if error is not None else None, query=query,
+    )
+
+
 def run_or_translate(
-    conn: HcConnection, statements: list[Statement], plan: Plan
+    conn: HcConnection,
+    statements: list[Statement],
+    query: str | None,
+    source: str | None,
+    *,
+    before: str = "COMMIT",
 ) -> list[Any]:
+    """`pipeline.run` with errors in hcrepo's terms: a connection that broke or a session the
+    server ended is `ConnectionLost` (`before`: what had not been sent yet); a statement the
+    server refused raises its typed error."""
     try:
         return pipeline.run(conn, statements)
     except PipelineError as failure:
-        raise translate(failure.error, query=plan.name, source=plan.source) from failure.error
+        if session_ended(conn, failure.error):
+            raise connection_lost(failure.error, query, before) from failure.error
+        raise translate(failure.error, query=query, source=source) from failure.error
     except psycopg.OperationalError as exc:
-        raise ConnectionLost(
-            f"connection lost running {plan.name} ({plan.source})", sqlstate=exc.sqlstate,
-            query=plan.name,
-        ) from exc
+        raise connection_lost(exc, query, before) from exc
 
 
 def stream_rows(
@@ -72,7 +131,7 @@ def stream_rows(
         fetch,
     ]
     transformer = conn.transformer
-    results = run_or_translate(conn, first, plan)
+    results = run_or_translate(conn, first, plan.name, plan.source)
     finished = False
     try:
         while True:
@@ -80,7 +139,7 @@ def stream_rows(
             yield from plan.shape.build(chunk, transformer, plan.name, plan.source)
             if chunk.ntuples < STREAM_CHUNK:
                 break
-            results = run_or_translate(conn, [fetch], plan)
+            results = run_or_translate(conn, [fetch], plan.name, plan.source)
         finished = True
     finally:
         if not conn.closed:

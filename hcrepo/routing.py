@@ -122,7 +122,18 @@ class Router:
         return next(self._candidates(consistency.required(self.cluster), self._routable))
 
     def read(self, attempt: Callable[[HcConnection], R]) -> R:
-        """Run the idempotent read `attempt(conn)`, failing over as the module describes."""
+        """Run the idempotent read `attempt(conn)`, failing over as the module describes.
+
+        When even the primary lost the connection (a restart leaves dead sockets in the
+        pool), its idle connections are checked and the read runs once more.
+        """
+        try:
+            return self._read(attempt)
+        except ConnectionLost:
+            self.primary.pool.check()
+            return self._read(attempt)
+
+    def _read(self, attempt: Callable[[HcConnection], R]) -> R:
         if self._monitor is None:
             self._ensure_monitor()
         need = consistency.required(self.cluster)
@@ -276,7 +287,7 @@ class Router:
 
     def record_write(self, lsn: str) -> None:
         """A commit at `lsn` happened in the current context (read-your-writes)."""
-        consistency.record(self.cluster, consistency.parse_lsn(lsn))
+        consistency.record(self.cluster, consistency.commit_end(consistency.parse_lsn(lsn)))
 
     def token(self) -> str | None:
         return consistency.token(self.cluster)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import itertools
-import select
 import threading
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
@@ -25,11 +24,18 @@ from hcrepo import pipeline
 from hcrepo.driver_errors import translate
 from hcrepo.errors import (
     CommitOutcomeUnknown,
-    ConnectionLost,
     DatabaseError,
     HcrepoError,
 )
-from hcrepo.execution import context_statement, fetch_lsn, stream_rows
+from hcrepo.execution import (
+    context_statement,
+    ensure_open,
+    fetch_lsn,
+    run_or_translate,
+    session_ended,
+    stream_rows,
+    timeout_statements,
+)
 from hcrepo.observer import Observer
 from hcrepo.pipeline import HcConnection, PipelineError, Statement
 from hcrepo.tenancy import Context
@@ -44,11 +50,6 @@ ISOLATION_LEVELS = {
     "serializable": "SERIALIZABLE",
 }
 
-# The server ends the session: admin_shutdown (pg_terminate_backend), crash_shutdown,
-# cannot_connect_now. Class 08 is connection_exception.
-_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03"})
-# Rounds of reading what the server sent unasked before COMMIT (notices, a FATAL, EOF).
-_PREFLIGHT_READS = 8
 
 open_unit: contextvars.ContextVar[UnitOfWork | None] = contextvars.ContextVar(
     "hcrepo_unit_of_work", default=None
@@ -63,35 +64,6 @@ def begin_statement(isolation: str | None, read_only: bool) -> str:
             raise ValueError(f"isolation must be one of {', '.join(ISOLATION_LEVELS)}")
         text += f" ISOLATION LEVEL {ISOLATION_LEVELS[key]}"
     return text + (" READ ONLY" if read_only else "")
-
-
-def session_ended(conn: HcConnection, error: psycopg.Error | None = None) -> bool:
-    """True when the connection is gone, or the server said it is ending the session."""
-    sqlstate = error.sqlstate if error is not None else None
-    return conn.closed or bool(
-        sqlstate and (sqlstate.startswith("08") or sqlstate in _SESSION_ENDED)
-    )
-
-
-def ensure_open(conn: HcConnection, *, before: str = "COMMIT", query: str | None = None) -> None:
-    """Raise `ConnectionLost` if the server has already closed `conn`, without sending a byte.
-
-    A terminated backend sends a FATAL and closes its socket while the client is idle; reading
-    what is already there (non-blocking) tells "died before we sent anything" apart from
-    "died while our statement was in flight", which is what decides whether a COMMIT (or an
-    autocommit write) may be retried.
-    """
-    poller = select.poll()
-    poller.register(conn.pgconn.socket, select.POLLIN)
-    try:
-        for _ in range(_PREFLIGHT_READS):
-            if not poller.poll(0):
-                break
-            conn.pgconn.consume_input()
-    except psycopg.OperationalError as exc:
-        raise _lost(exc, query, before) from exc
-    if conn.closed:
-        raise _lost(None, query, before)
 
 
 class UnitOfWork:
@@ -200,8 +172,12 @@ class UnitOfWork:
                         stream_rows(conn, plan, args, sql, [], owns_tx=False))
             self._streams.append(rows)
             return self._guarded(rows, conn)
-        results = self._send([Statement(sql, args)], plan)
-        return plan.shape.build(results[-1], conn.transformer, plan.name, plan.source)
+        if plan.query.timeout_ms is None:
+            results = self._send([Statement(sql, args)], plan)
+            return plan.shape.build(results[-1], conn.transformer, plan.name, plan.source)
+        set_timeout, restore = timeout_statements(plan.query.timeout_ms)
+        results = self._send([set_timeout, Statement(sql, args), restore], plan)
+        return plan.shape.build(results[-2], conn.transformer, plan.name, plan.source)
 
     @property
     def invalidations(self) -> list[tuple[Plan, tuple[Any, ...]]]:
@@ -244,17 +220,8 @@ class UnitOfWork:
 
     def _send(self, statements: list[Statement], plan: Plan | None) -> list[Any]:
         conn = self._connection
-        query = plan.name if plan else None
-        prefix = self._prefix()
-        try:
-            return pipeline.run(conn, [*prefix, *statements])
-        except PipelineError as failure:
-            if session_ended(conn, failure.error):
-                raise _lost(failure.error, query) from failure.error
-            raise translate(failure.error, query=query,
-                            source=plan.source if plan else None) from failure.error
-        except psycopg.OperationalError as exc:
-            raise _lost(exc, query) from exc
+        return run_or_translate(conn, [*self._prefix(), *statements],
+                                plan.name if plan else None, plan.source if plan else None)
 
     def _guarded(self, rows: Iterator[Any], conn: HcConnection) -> Iterator[Any]:
         """Rows of a stream, refused once the unit of work has handed its connection back."""
@@ -336,15 +303,6 @@ class UnitOfWork:
     def _on_commit_seam(self) -> None:
         if self._on_commit is not None:
             self._on_commit(self)
-
-
-def _lost(
-    error: psycopg.Error | None, query: str | None, before: str = "COMMIT"
-) -> ConnectionLost:
-    return ConnectionLost(
-        f"connection lost before {before} was sent; nothing was committed",
-        sqlstate=error.sqlstate if error is not None else None, query=query,
-    )
 
 
 def _unknown(error: psycopg.Error) -> CommitOutcomeUnknown:

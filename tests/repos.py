@@ -81,6 +81,9 @@ class Session(Repository, sql="sql/session.sql", tenant=False):
     @query("probe")
     def probe(self) -> Probe: ...
 
+    @query("probe_with_timeout")
+    def probe_with_timeout(self) -> Probe: ...
+
     @query("clinic_ids")
     def clinic_ids(self) -> list[UUID]: ...
 

@@ -410,3 +410,13 @@ def test_routing_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPa
     assert settings.replay_cache_max_age == 0.1
     assert (settings.pool_min, settings.pool_max, settings.pool_max_waiting) == (0, 7, 20)
     assert settings.pool_max_lifetime == 600.0
+
+
+def test_a_commit_ending_on_a_wal_page_boundary_needs_only_the_boundary() -> None:
+    from hcrepo.consistency import commit_end
+
+    page, segment = 8192, 16 * 1024 * 1024
+    assert commit_end(5 * segment + 3 * page + 24) == 5 * segment + 3 * page
+    assert commit_end(5 * segment + 40) == 5 * segment
+    assert commit_end(5 * segment + 3 * page + 25) == 5 * segment + 3 * page + 25
+    assert commit_end(5 * segment + 3 * page + 1000) == 5 * segment + 3 * page + 1000

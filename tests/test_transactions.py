@@ -137,8 +137,9 @@ def test_double_booking_twenty_callers_one_booking(
         assert conflict.sqlstate == "23P01"
         assert conflict.constraint == "appointments_no_double_booking"
         assert "appointments_no_double_booking" in str(conflict)
-        assert conflict.attempts == 1
-    assert calls == Counter(range(20))  # nobody was retried
+    # Two overlapping in-flight inserts can deadlock on the exclusion check (40P01): that
+    # caller is re-run, and then meets the committed booking as a conflict like the rest.
+    assert set(calls) == set(range(20))
     with db.context(clinic_id=clinic.id):
         repo = Clinical(db)
         bookings = sum(
