@@ -2,7 +2,6 @@
 
 Variants, all on one server, one pooled connection each, interleaved:
 - hcrepo: repository method -> pydantic model, clinic context set, RLS enforced (hcrepo_app);
-- hcrepo (validated): the same with full pydantic validation of the row;
 - raw psycopg: pool checkout in autocommit, same SQL, tuple row, superuser (no RLS, no context);
 - hcrepo pipeline, no context: hcrepo's one-round-trip path without the set_config statement;
 - SQLAlchemy Core: text() on an AUTOCOMMIT engine over psycopg 3, tuple row;
@@ -51,11 +50,6 @@ class Patients(Repository, sql=str(SQL_FILE)):
     def get(self, *, id: uuid.UUID) -> Patient | None: ...
 
 
-class ValidatedPatients(Repository, sql=str(SQL_FILE)):
-    @query("get_patient", phi=True, validate=True)
-    def get(self, *, id: uuid.UUID) -> Patient | None: ...
-
-
 def main() -> str:
     with stack() as s:
         ids = itertools.cycle(s.patient_ids[:500])
@@ -96,12 +90,11 @@ def main() -> str:
                 return aiosql_queries.get_patient(conn, id=next(ids))
 
         with db, db.context(clinic_id=s.clinic_id, actor_id=s.actor_id):
-            repo, validated = Patients(db), ValidatedPatients(db)
+            repo = Patients(db)
             assert repo.get(id=s.patient_ids[0]) is not None, "RLS context not applied"
             medians = interleaved({
                 "raw psycopg (pool, autocommit, tuple, no RLS)": raw,
                 "hcrepo (model, clinic context, RLS)": lambda: repo.get(id=next(ids)),
-                "hcrepo (validated model)": lambda: validated.get(id=next(ids)),
                 "hcrepo pipeline without context (no RLS)": bare,
                 "SQLAlchemy Core text() AUTOCOMMIT": alchemy,
                 "aiosql (psycopg adapter, same pool)": with_aiosql,

@@ -56,12 +56,11 @@ class PipelineError(Exception):
         self.index = index
 
 
-class _Reply(NamedTuple):
-    """What the server will answer next: a Parse (prepare), an Execute, or a Sync."""
-
-    kind: str  # "prepare" | "execute" | "sync"
-    key: tuple[str, tuple[int, ...]] | None = None
-    position: int = -1
+# What the server will answer, in order: (kind, prepared-statement key, statement index).
+_PREPARE, _EXECUTE, _SYNC_REPLY = 0, 1, 2
+_Reply = tuple[int, tuple[str, tuple[int, ...]] | None, int]
+# dump_sequence wants one format per parameter; these lists are never mutated.
+_AUTO_FORMATS = [[PyFormat.AUTO] * count for count in range(64)]
 
 
 def run(conn: HcConnection, statements: Sequence[Statement]) -> list[pq.abc.PGresult]:
@@ -74,15 +73,19 @@ def run(conn: HcConnection, statements: Sequence[Statement]) -> list[pq.abc.PGre
     pgconn = conn.pgconn
     transformer = conn.transformer
     replies: list[_Reply] = []
+    last = len(statements) - 1
     pgconn.enter_pipeline_mode()
     try:
         for index, statement in enumerate(statements):
             values: Sequence[Buffer | None] = ()
             formats = None
             types: tuple[int, ...] = ()
-            if statement.params:
+            params = statement.params
+            if params:
+                count = len(params)
                 values = transformer.dump_sequence(
-                    statement.params, [PyFormat.AUTO] * len(statement.params)
+                    params,
+                    _AUTO_FORMATS[count] if count < 64 else [PyFormat.AUTO] * count,
                 )
                 types, formats = tuple(transformer.types or ()), transformer.formats
             key = (statement.sql, types)
@@ -92,7 +95,7 @@ def run(conn: HcConnection, statements: Sequence[Statement]) -> list[pq.abc.PGre
                     name = f"hc_{len(conn.prepared)}".encode()
                     conn.prepared[key] = name
                     pgconn.send_prepare(name, statement.sql.encode(), param_types=types or None)
-                    replies.append(_Reply("prepare", key, index))
+                    replies.append((_PREPARE, key, index))
                 pgconn.send_query_prepared(
                     name, values, param_formats=formats, result_format=_BINARY
                 )
@@ -101,10 +104,10 @@ def run(conn: HcConnection, statements: Sequence[Statement]) -> list[pq.abc.PGre
                     statement.sql.encode(), values, param_types=types or None,
                     param_formats=formats, result_format=_BINARY,
                 )
-            replies.append(_Reply("execute", key, index))
-            if statement.sync_after or index == len(statements) - 1:
+            replies.append((_EXECUTE, key, index))
+            if statement.sync_after or index == last:
                 pgconn.pipeline_sync()
-                replies.append(_Reply("sync", None, index))
+                replies.append((_SYNC_REPLY, None, index))
         conn.wait(generators.send(pgconn))
         return _collect(conn, replies)
     finally:
@@ -119,22 +122,24 @@ def _collect(conn: HcConnection, replies: list[_Reply]) -> list[pq.abc.PGresult]
     pgconn = conn.pgconn
     results: list[pq.abc.PGresult] = []
     failure: PipelineError | None = None
-    for reply in replies:
+    for kind, key, position in replies:
         batch = conn.wait(generators.fetch_many(pgconn))
         last = batch[-1]
-        if reply.kind == "sync":
-            if last.status == _FATAL:
+        status = last.status
+        if kind == _SYNC_REPLY:
+            if status == _FATAL:
                 # The implicit transaction failed as it committed at this Sync (a deferred
                 # constraint, a serialization failure, the session ending): the error comes
                 # first, the Sync after it.
-                failure = failure or PipelineError(_error(last, conn), reply.position)
+                failure = failure or PipelineError(_error(last, conn), position)
                 conn.wait(generators.fetch_many(pgconn))
             continue
-        if last.status in (_FATAL, _ABORTED) and reply.kind == "prepare" and reply.key:
-            conn.prepared.pop(reply.key, None)  # the server holds no statement by that name
-        if last.status == _FATAL and failure is None:
-            failure = PipelineError(_error(last, conn), reply.position)
-        if reply.kind == "execute":
+        if status in (_FATAL, _ABORTED):
+            if kind == _PREPARE and key:
+                conn.prepared.pop(key, None)  # the server holds no statement by that name
+            if status == _FATAL and failure is None:
+                failure = PipelineError(_error(last, conn), position)
+        if kind == _EXECUTE:
             results.append(last)
     if failure is not None:
         raise failure

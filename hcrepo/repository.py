@@ -47,7 +47,6 @@ class QuerySpec(NamedTuple):
     name: str
     phi: bool
     invalidates: tuple[str, ...]
-    validate: bool
 
 
 class Plan:
@@ -149,12 +148,11 @@ def query(
     *,
     phi: bool = False,
     invalidates: Sequence[str] = (),
-    validate: bool = False,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Bind a repository method to the query `name` of the class's SQL file."""
 
     def mark(fn: Callable[P, R]) -> Callable[P, R]:
-        fn.__hcrepo_query__ = QuerySpec(name, phi, tuple(invalidates), validate)  # type: ignore[attr-defined]
+        fn.__hcrepo_query__ = QuerySpec(name, phi, tuple(invalidates))  # type: ignore[attr-defined]
         return fn
 
     return mark
@@ -259,8 +257,7 @@ def _plan_for(
     if "return" not in hints:
         raise fail("missing return annotation", found)
     try:
-        shape = shape_for(hints["return"], returns_rows=found.returns_rows,
-                          validate=spec.validate, where=method)
+        shape = shape_for(hints["return"], returns_rows=found.returns_rows, where=method)
     except ValueError as exc:
         raise fail(str(exc).removeprefix(f"{method}: "), found) from None
     defaults = {

@@ -51,9 +51,6 @@ class Shapes(Repository, sql="sql/shapes.sql", tenant=False):
     def two_columns(self) -> int: ...
 
     @query("labels_as_text")
-    def unvalidated(self, *, n: int) -> list[Number]: ...
-
-    @query("labels_as_text", validate=True)
     def validated(self, *, n: int) -> list[Number]: ...
 
     @query("create_scratch")
@@ -160,10 +157,8 @@ def test_rows_must_fit_the_model(db: Database) -> None:
     assert "columns not in Wrong: label; fields with no column: missing" in str(caught.value)
 
 
-def test_fast_path_and_validated_rows(shapes: Shapes) -> None:
-    # The fast path trusts the driver's types (hcrepo check guards them); validate=True
-    # pays pydantic's validation and coerces.
-    assert shapes.unvalidated(n=1)[0].n == "1"
+def test_rows_are_validated_by_the_model(shapes: Shapes) -> None:
+    # The column is text; the model says int: pydantic validates (and here coerces) it.
     assert shapes.validated(n=1) == [Number(n=1, label="row 1")]
 
 
