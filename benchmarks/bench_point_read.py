@@ -1,15 +1,19 @@
 """Point read by primary key, single thread (issues 3 and 4).
 
-Variants, all on one server, one pooled connection each, interleaved:
-- hcrepo: repository method -> pydantic model, clinic context set, RLS enforced (hcrepo_app);
-- raw psycopg: pool checkout in autocommit, same SQL, tuple row, superuser (no RLS, no context);
-- hcrepo pipeline, no context: hcrepo's one-round-trip path without the set_config statement;
+All variants read the same rows from one server, one pooled connection each, interleaved:
+- raw psycopg: pool checkout in autocommit, same SQL, tuple row, superuser (no RLS);
+- aiosql: the same SQL through aiosql's psycopg adapter on that pool;
 - SQLAlchemy Core: text() on an AUTOCOMMIT engine over psycopg 3, tuple row;
-- aiosql: the same SQL file through aiosql's psycopg adapter on a psycopg_pool.
+- hcrepo: repository method -> pydantic model, clinic context, hcrepo_app under RLS;
+- hcrepo, no context: the same method on a clinic-independent repository as the superuser,
+  no clinic in context (hcrepo still sends its empty set_config: it always does);
+- hcrepo pipeline, bare: hcrepo's round trip with no set_config statement at all, superuser:
+  the floor of hcrepo's own machinery.
 """
 
 from __future__ import annotations
 
+import contextvars
 import datetime
 import itertools
 import uuid
@@ -50,10 +54,26 @@ class Patients(Repository, sql=str(SQL_FILE)):
     def get(self, *, id: uuid.UUID) -> Patient | None: ...
 
 
+class UnscopedPatients(Repository, sql=str(SQL_FILE), tenant=False):
+    @query("get_patient", phi=True)
+    def get(self, *, id: uuid.UUID) -> Patient | None: ...
+
+
+RAW = "raw psycopg (pool, autocommit, tuple, no RLS)"
+AIOSQL = "aiosql (psycopg adapter, same pool)"
+ALCHEMY = "SQLAlchemy Core text() AUTOCOMMIT"
+HCREPO = "hcrepo (model, clinic context, RLS)"
+NO_CONTEXT = "hcrepo, no context (model, no RLS)"
+BARE = "hcrepo pipeline, bare (no set_config, no RLS)"
+
+
 def main() -> str:
     with stack() as s:
         ids = itertools.cycle(s.patient_ids[:500])
         db = Database(Settings(database_url=s.app_url, pool_min=1, pool_max=1, redis_url=""))
+        unscoped_db = Database(
+            Settings(database_url=s.superuser_url, pool_min=1, pool_max=1, redis_url="")
+        )
         raw_pool = psycopg_pool.ConnectionPool(
             s.superuser_url, min_size=1, max_size=1, kwargs={"autocommit": True}, open=True
         )
@@ -89,27 +109,37 @@ def main() -> str:
             with raw_pool.connection() as conn:
                 return aiosql_queries.get_patient(conn, id=next(ids))
 
-        with db, db.context(clinic_id=s.clinic_id, actor_id=s.actor_id):
+        with db, unscoped_db:
+            unscoped = UnscopedPatients(unscoped_db)
             repo = Patients(db)
-            assert repo.get(id=s.patient_ids[0]) is not None, "RLS context not applied"
-            medians = interleaved({
-                "raw psycopg (pool, autocommit, tuple, no RLS)": raw,
-                "hcrepo (model, clinic context, RLS)": lambda: repo.get(id=next(ids)),
-                "hcrepo pipeline without context (no RLS)": bare,
-                "SQLAlchemy Core text() AUTOCOMMIT": alchemy,
-                "aiosql (psycopg adapter, same pool)": with_aiosql,
-            })
+            nobody = contextvars.Context()  # no clinic, no actor: what a bare worker has
+
+            def unscoped_read() -> object:
+                return nobody.run(unscoped.get, id=next(ids))
+
+            with db.context(clinic_id=s.clinic_id, actor_id=s.actor_id):
+                assert repo.get(id=s.patient_ids[0]) is not None, "RLS context not applied"
+                medians = interleaved({
+                    RAW: raw, AIOSQL: with_aiosql, ALCHEMY: alchemy,
+                    HCREPO: lambda: repo.get(id=next(ids)), NO_CONTEXT: unscoped_read,
+                    BARE: bare,
+                }, rounds=150)
         raw_pool.close()
         bare_pool.close()
         engine.dispose()
-    baseline = "raw psycopg (pool, autocommit, tuple, no RLS)"
-    out = table(medians, baseline, "Point read by primary key (single thread)")
-    ctx = medians["hcrepo (model, clinic context, RLS)"]
-    out += (
-        f"\n\nContext cost: hcrepo with context / hcrepo pipeline without context = "
-        f"{ctx / medians['hcrepo pipeline without context (no RLS)']:.2f}"
-        f"\nhcrepo / aiosql = {ctx / medians['aiosql (psycopg adapter, same pool)']:.2f}"
-        f"\nhcrepo / SQLAlchemy Core = {ctx / medians['SQLAlchemy Core text() AUTOCOMMIT']:.2f}"
+    out = table(medians, RAW, "Point read by primary key (single thread)")
+    ratios = [
+        ("hcrepo / raw psycopg (issue 3: <= 1.15; issue 4, raw without RLS: <= 1.25)",
+         HCREPO, RAW),
+        ("hcrepo / aiosql (issue 3: <= 1.15)", HCREPO, AIOSQL),
+        ("hcrepo / SQLAlchemy Core (issue 3: < 1)", HCREPO, ALCHEMY),
+        ("hcrepo with clinic context / the same read with no context (issue 4: <= 1.10)",
+         HCREPO, NO_CONTEXT),
+        ("hcrepo no context / bare pipeline (cost of always sending set_config)",
+         NO_CONTEXT, BARE),
+    ]
+    out += "\n\n| ratio | value |\n|---|---:|\n" + "\n".join(
+        f"| {label} | {medians[a] / medians[b]:.2f} |" for label, a, b in ratios
     )
     return out
 
