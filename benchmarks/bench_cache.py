@@ -23,6 +23,7 @@ import psycopg
 import redis
 from pydantic import BaseModel
 
+from benchmarks.bench_point_read import Patient
 from benchmarks.harness import interleaved, stack, table
 from hcrepo import Database, Repository, Settings, cached, query
 from hcrepo.embedded import RedisServer
@@ -30,19 +31,6 @@ from hcrepo.embedded import RedisServer
 SQL_FILE = str(Path(__file__).parent / "sql" / "cache.sql")
 PROVIDERS = 30
 ENCOUNTERS = 40_000
-
-
-class Patient(BaseModel):
-    id: uuid.UUID
-    clinic_id: uuid.UUID
-    mrn: str
-    first_name: str
-    last_name: str
-    date_of_birth: datetime.date
-    sex: str
-    phone: str | None
-    email: str | None
-    address: str | None
 
 
 class ProviderActivity(BaseModel):

@@ -311,7 +311,33 @@ def _pg_hba() -> str:
     )
 
 
-class PostgresServer:
+class _ThrowAway:
+    """What every throw-away server shares: `with Server() as s` starts it (closing whatever
+    a failed start left behind) and closes it on the way out."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class PostgresServer(_ThrowAway):
     """A throw-away PostgreSQL cluster on 127.0.0.1:<port> in a temp dir.
 
     `start()` runs initdb the first time (or pg_basebackup for a replica made by
@@ -432,21 +458,6 @@ class PostgresServer:
             finally:
                 shutil.rmtree(self._root, ignore_errors=True)
                 _untrack(self)
-
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_val: BaseException | None,
-        exc_tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- connections
 
@@ -599,7 +610,7 @@ def wait_for_replay(replica: PostgresServer, lsn: str, *, timeout: float = 30.0)
 # --- Redis ------------------------------------------------------------------------------
 
 
-class RedisServer:
+class RedisServer(_ThrowAway):
     """A throw-away redis-server on 127.0.0.1:<port>, no persistence, own temp dir.
 
     Used as a context manager it is started on entry and closed on exit.
@@ -702,21 +713,6 @@ class RedisServer:
                 shutil.rmtree(self._root, ignore_errors=True)
                 _untrack(self)
 
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_val: BaseException | None,
-        exc_tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def _wait_ready(self) -> None:
         assert self._process is not None
         deadline = time.monotonic() + _START_TIMEOUT
@@ -745,7 +741,7 @@ class RedisServer:
                 time.sleep(0.01)
 
 
-class RedisCluster:
+class RedisCluster(_ThrowAway):
     """A throw-away Redis Cluster of three masters (no replicas) on loopback ports."""
 
     ports: list[int]
@@ -788,21 +784,6 @@ class RedisCluster:
         with self._lock:
             for node in self.nodes:
                 node.close()
-
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_val: BaseException | None,
-        exc_tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _create(self) -> None:
         args = [_redis_binary("redis-cli"), "--cluster", "create",
