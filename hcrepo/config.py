@@ -108,7 +108,6 @@ class Settings(BaseSettings):
     cache_xfetch_beta: float = _setting("HCREPO_CACHE_XFETCH_BETA", 1.0, ge=0)
 
     slow_query_threshold_ms: float = _setting("SLOW_QUERY_THRESHOLD", 500.0, ge=0)
-    audit_retention_days: int = _setting("AUDIT_RETENTION_DAYS", 2555, ge=1)
 
     @field_validator("database_url")
     @classmethod

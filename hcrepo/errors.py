@@ -133,9 +133,5 @@ class PoolTimeout(HcrepoError):
     """No connection could be had from a pool in time."""
 
 
-class NoHealthyNode(HcrepoError):
-    """Neither a replica nor the primary could serve the call."""
-
-
 class RateLimited(HcrepoError):
     """A caller exceeded its configured rate."""
