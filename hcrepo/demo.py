@@ -1,26 +1,40 @@
-"""`hcrepo demo`: tenant isolation on a throw-away PostgreSQL, start to finish.
+"""`hcrepo demo`: the whole path on throw-away servers, start to finish.
 
-It starts an embedded server, bootstraps the owner role and database, applies the
-migrations, then works only as the application role `hcrepo_app`: it seeds two clinics, each
-inside its own clinic context, and shows what each clinic and no clinic at all can see.
-Everything is removed on exit, on error too. Output names clinics and MRNs, never PHI.
+It starts an embedded primary, a streaming replica of it and a Redis server, migrates as the
+owner role, and from then on works only through hcrepo as the application role `hcrepo_app`:
+two clinics are seeded through the healthcare repositories, each clinic sees only its own
+patients, a missing clinic is refused before any round trip, row-level security refuses a
+cross-clinic write, a read right after a write sees it while the replica's replay is paused,
+a cached read is invalidated by a commit, and a double booking is refused. Everything is
+removed on exit, on error too. Output names clinics, MRNs and counts, never PHI.
 """
 
 from __future__ import annotations
 
+import base64
 import secrets
 import sys
-from collections.abc import Sequence
-from typing import TextIO
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from datetime import UTC, date, datetime, timedelta
+from typing import Literal, TextIO
 from uuid import UUID
 
 import psycopg
 
-from hcrepo import migrate
-from hcrepo.embedded import PostgresServer
+from hcrepo import Database, ExclusionViolation, Settings, TenantContextMissing, metrics, migrate
+from hcrepo.embedded import PostgresServer, RedisServer, wait_for_replay
+from hcrepo.healthcare import (
+    AppointmentRepository,
+    ClinicRepository,
+    PatientRepository,
+    ProviderRepository,
+)
 
+Sex = Literal["female", "male", "other", "unknown"]
 # Obviously fake people: (MRN, first name, last name, date of birth, sex).
-CLINICS: dict[str, Sequence[tuple[str, str, str, str, str]]] = {
+CLINICS: dict[str, Sequence[tuple[str, str, str, str, Sex]]] = {
     "Demo Clinic North": [
         ("N-0001", "Testy", "McTestface", "1980-01-01", "other"),
         ("N-0002", "Jane", "Placeholder", "1975-06-15", "female"),
@@ -31,67 +45,98 @@ CLINICS: dict[str, Sequence[tuple[str, str, str, str, str]]] = {
         ("S-0002", "Dummy", "Patient", "1969-07-20", "female"),
     ],
 }
+ACTOR = uuid.UUID("00000000-0000-4000-8000-00000000d3e0")  # the demo's staff member
 
 
 def run(out: TextIO = sys.stdout) -> int:
-    with PostgresServer() as server:
-        out.write(f"throw-away PostgreSQL on {server.host}:{server.port}\n")
+    with ExitStack() as servers:
+        primary = servers.enter_context(PostgresServer())
+        out.write(f"throw-away PostgreSQL on {primary.host}:{primary.port}\n")
+        replica = primary.create_replica()
+        redis = servers.enter_context(RedisServer())
+        out.write(f"streaming replica on port {replica.port}, Redis on port {redis.port}\n")
         owner_url = migrate.bootstrap(
-            server.superuser_url, database="hcrepo_demo", owner_password=secrets.token_urlsafe()
+            primary.superuser_url, database="hcrepo_demo", owner_password=secrets.token_urlsafe()
         )
         applied = migrate.apply(owner_url, setting="demo owner URL")
         out.write(f"migrations applied as {migrate.OWNER_ROLE}: {', '.join(applied)}\n")
-
         app_password = secrets.token_urlsafe()
         migrate.set_role_password(owner_url, migrate.APP_ROLE, app_password)
         app_url = migrate.conninfo_url(owner_url, user=migrate.APP_ROLE, password=app_password)
-        with psycopg.connect(app_url) as conn:
-            clinic_ids = {name: _seed(conn, name, patients) for name, patients in CLINICS.items()}
-            out.write(f"connected as {migrate.APP_ROLE}; seeded {len(clinic_ids)} clinics\n\n")
-            for name, clinic_id in clinic_ids.items():
-                mrns = _visible_mrns(conn, clinic_id)
-                out.write(f"{name} sees {len(mrns)} patients: {', '.join(mrns)}\n")
-            out.write(f"no clinic context sees {len(_visible_mrns(conn, None))} patients\n")
-            north, south = clinic_ids.values()
-            out.write(f"North writing a patient into South: {_cross_write(conn, north, south)}\n")
-    out.write("\nserver stopped and removed\n")
+        replica_url = replica.url(user=migrate.APP_ROLE, password=app_password,
+                                  dbname="hcrepo_demo")
+        wait_for_replay(replica, primary.current_wal_lsn())
+        settings = Settings(
+            database_url=app_url, read_replica_urls=[replica_url], redis_url=redis.url,
+            cache_encryption_key=base64.b64encode(secrets.token_bytes(32)).decode(),
+            pool_min=1, pool_max=4, health_interval=0.2,
+        )
+        with Database(settings) as db:
+            _walk_through(db, out, replica, app_url)
+    out.write("\nservers stopped and removed\n")
     return 0
 
 
-def _in_clinic(conn: psycopg.Connection, clinic_id: UUID | None) -> None:
-    # Transaction-local (is_local = true): the clinic ends with the transaction.
-    value = "" if clinic_id is None else str(clinic_id)
-    conn.execute("SELECT set_config('app.clinic_id', %s, true)", [value])
-
-
-def _seed(
-    conn: psycopg.Connection, name: str, patients: Sequence[tuple[str, str, str, str, str]]
-) -> UUID:
-    with conn.transaction():
-        row = conn.execute("INSERT INTO clinics (name) VALUES (%s) RETURNING id", [name]).fetchone()
-        assert row is not None  # INSERT ... RETURNING of one row
-        clinic_id: UUID = row[0]
-        _in_clinic(conn, clinic_id)
-        with conn.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO patients (clinic_id, mrn, first_name, last_name, date_of_birth, sex)"
-                " VALUES (%s, %s, %s, %s, %s, %s)",
-                [(clinic_id, *patient) for patient in patients],
-            )
-    return clinic_id
-
-
-def _visible_mrns(conn: psycopg.Connection, clinic_id: UUID | None) -> list[str]:
-    with conn.transaction():
-        _in_clinic(conn, clinic_id)
-        rows = conn.execute("SELECT mrn FROM patients ORDER BY mrn").fetchall()
-    return [mrn for (mrn,) in rows]
-
-
-def _cross_write(conn: psycopg.Connection, acting: UUID, other: UUID) -> str:
+def _walk_through(db: Database, out: TextIO, replica: PostgresServer, app_url: str) -> None:
+    clinics = {name: _seed(db, name, people) for name, people in CLINICS.items()}
+    out.write(f"connected as {migrate.APP_ROLE}; seeded {len(clinics)} clinics\n\n")
+    for name, clinic_id in clinics.items():
+        with db.context(clinic_id=clinic_id):
+            mrns = [p.mrn for p in PatientRepository(db).search(sort="mrn")]
+        out.write(f"{name} sees {len(mrns)} patients: {', '.join(mrns)}\n")
     try:
-        with conn.transaction():
-            _in_clinic(conn, acting)
+        PatientRepository(db).count()
+    except TenantContextMissing:
+        out.write("no clinic context: refused by hcrepo before any round trip\n")
+    north, south = clinics.values()
+    out.write(f"North writing a patient into South: {_cross_write(app_url, north, south)}\n\n")
+
+    with db.context(clinic_id=north, actor_id=ACTOR):
+        patients = PatientRepository(db)
+        patient = patients.search(mrn="N-0001")[0]
+        patients.get(id=patient.id)  # fills the cache
+        with _replay_paused(replica):
+            with db.unit_of_work() as uow:
+                PatientRepository(uow).update_contact(
+                    id=patient.id, phone="+1 555 0100", email=None, address=None
+                )
+            fresh = patients.get(id=patient.id)
+            seen = fresh is not None and fresh.phone == "+1 555 0100"
+            out.write("read right after the write, replica replay paused: "
+                      f"{'sees the new phone' if seen else 'STALE'} (cache invalidated at "
+                      "commit, read routed past the lagging replica)\n")
+        out.write(f"token for a queued job: {db.last_write_token()}\n")
+        other = patients.search(mrn="N-0002")[0]
+        hits = _cache_hits("get_patient")
+        for _ in range(3):
+            patients.get(id=other.id)
+        out.write(f"another patient read three times: {_cache_hits('get_patient') - hits:.0f} "
+                  "served from Redis (AES-GCM encrypted, the clinic in its key)\n")
+        out.write(_double_booking(db, patient.id))
+    served = {name: node["served"] for name, node in db.health()["nodes"].items()}
+    out.write(f"reads served per node: {served}\n")
+
+
+def _cache_hits(query: str) -> float:
+    return metrics.REGISTRY.get_sample_value("hcrepo_cache_hits_total", {"query": query}) or 0.0
+
+
+def _seed(db: Database, name: str, people: Sequence[tuple[str, str, str, str, Sex]]) -> UUID:
+    with db.context(actor_id=ACTOR):
+        clinic = ClinicRepository(db).create(name=name)
+    with db.unit_of_work(clinic_id=clinic.id, actor_id=ACTOR) as uow:
+        patients = PatientRepository(uow)
+        for mrn, first, last, born, sex in people:
+            patients.create(mrn=mrn, first_name=first, last_name=last,
+                            date_of_birth=date.fromisoformat(born), sex=sex)
+    return clinic.id
+
+
+def _cross_write(app_url: str, acting: UUID, other: UUID) -> str:
+    """Plain psycopg as hcrepo_app: the database itself refuses, whatever the client does."""
+    try:
+        with psycopg.connect(app_url) as conn:
+            conn.execute("SELECT set_config('app.clinic_id', %s, true)", [str(acting)])
             conn.execute(
                 "INSERT INTO patients (clinic_id, mrn, first_name, last_name, date_of_birth, sex)"
                 " VALUES (%s, 'X-0001', 'Not', 'Allowed', '2000-01-01', 'unknown')",
@@ -100,3 +145,29 @@ def _cross_write(conn: psycopg.Connection, acting: UUID, other: UUID) -> str:
     except psycopg.errors.InsufficientPrivilege as exc:
         return f"refused by row-level security ({exc.sqlstate})"
     return "ALLOWED (tenant isolation is broken)"
+
+
+def _double_booking(db: Database, patient_id: UUID) -> str:
+    provider = ProviderRepository(db).create(display_name="Dr Demo")
+    start = datetime(2030, 1, 7, 9, tzinfo=UTC)
+    appointments = AppointmentRepository(db)
+    appointments.book(patient_id=patient_id, provider_id=provider.id, starts_at=start,
+                      ends_at=start + timedelta(minutes=30))
+    try:
+        appointments.book(patient_id=patient_id, provider_id=provider.id,
+                          starts_at=start + timedelta(minutes=15),
+                          ends_at=start + timedelta(minutes=45))
+    except ExclusionViolation as exc:
+        return f"overlapping booking for the same provider: refused ({exc.constraint})\n"
+    return "overlapping booking for the same provider: ALLOWED (constraint missing)\n"
+
+
+@contextmanager
+def _replay_paused(replica: PostgresServer) -> Iterator[None]:
+    """Replay stopped on the replica for the block; WAL still arrives, nothing applies."""
+    with psycopg.connect(replica.superuser_url, autocommit=True) as conn:
+        conn.execute("SELECT pg_wal_replay_pause()")
+        try:
+            yield
+        finally:
+            conn.execute("SELECT pg_wal_replay_resume()")

@@ -40,8 +40,11 @@ def test_demo_exits_0_and_shows_each_clinic_only_its_patients(scratch: Path) -> 
     out = result.stdout
     assert "Demo Clinic North sees 3 patients: N-0001, N-0002, N-0003\n" in out
     assert "Demo Clinic South sees 2 patients: S-0001, S-0002\n" in out
-    assert "no clinic context sees 0 patients\n" in out
+    assert "no clinic context: refused by hcrepo before any round trip\n" in out
     assert "North writing a patient into South: refused by row-level security" in out
+    assert "replica replay paused: sees the new phone" in out
+    assert "another patient read three times: 2 served from Redis" in out
+    assert "overlapping booking for the same provider: refused" in out
     # MRNs only: names and birth dates are PHI, even fake ones.
     for _mrn, first, last, born, _sex in (p for ps in demo.CLINICS.values() for p in ps):
         assert first not in out and last not in out and born not in out
