@@ -1,6 +1,6 @@
 """Point read by primary key, single thread (issues 3 and 4).
 
-All variants read the same rows from one server, one pooled connection each, interleaved:
+All variants read the same rows from one server, each over its own pool, interleaved:
 - raw psycopg: pool checkout in autocommit, same SQL, tuple row, superuser (no RLS);
 - aiosql: the same SQL through aiosql's psycopg adapter on that pool;
 - SQLAlchemy Core: text() on an AUTOCOMMIT engine over psycopg 3, tuple row;
@@ -18,6 +18,7 @@ import datetime
 import itertools
 import uuid
 from pathlib import Path
+from typing import Any
 
 import aiosql
 import psycopg_pool
@@ -59,6 +60,9 @@ class UnscopedPatients(Repository, sql=str(SQL_FILE), tenant=False):
     def get(self, *, id: uuid.UUID) -> Patient | None: ...
 
 
+# Every variant rotates over this many connections (the pools hand them out first in, first
+# out): one backend can be steadily faster than another, and that must not pick a winner.
+CONNECTIONS = 4
 RAW = "raw psycopg (pool, autocommit, tuple, no RLS)"
 AIOSQL = "aiosql (psycopg adapter, same pool)"
 ALCHEMY = "SQLAlchemy Core text() AUTOCOMMIT"
@@ -70,20 +74,20 @@ BARE = "hcrepo pipeline, bare (no set_config, no RLS)"
 def main() -> str:
     with stack() as s:
         ids = itertools.cycle(s.patient_ids[:500])
-        db = Database(Settings(database_url=s.app_url, pool_min=1, pool_max=1, redis_url=""))
-        unscoped_db = Database(
-            Settings(database_url=s.superuser_url, pool_min=1, pool_max=1, redis_url="")
-        )
+        sized: dict[str, Any] = {"pool_min": CONNECTIONS, "pool_max": CONNECTIONS, "redis_url": ""}
+        db = Database(Settings(database_url=s.app_url, **sized))
+        unscoped_db = Database(Settings(database_url=s.superuser_url, **sized))
+        pools: dict[str, Any] = {"min_size": CONNECTIONS, "max_size": CONNECTIONS, "open": True}
         raw_pool = psycopg_pool.ConnectionPool(
-            s.superuser_url, min_size=1, max_size=1, kwargs={"autocommit": True}, open=True
+            s.superuser_url, kwargs={"autocommit": True}, **pools
         )
         bare_pool = psycopg_pool.ConnectionPool(
-            s.superuser_url, min_size=1, max_size=1, connection_class=HcConnection,
-            kwargs={"autocommit": True, "prepare_threshold": None}, open=True,
+            s.superuser_url, connection_class=HcConnection,
+            kwargs={"autocommit": True, "prepare_threshold": None}, **pools,
         )
         engine = sqlalchemy.create_engine(
             s.superuser_url.replace("postgresql://", "postgresql+psycopg://"),
-            isolation_level="AUTOCOMMIT", pool_size=1, max_overflow=0,
+            isolation_level="AUTOCOMMIT", pool_size=CONNECTIONS, max_overflow=0,
         )
         sa_sql = sqlalchemy.text(SQL.replace("%s", ":id"))
         aiosql_queries = aiosql.from_str(
