@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_UNSET: Any = tenancy._UNSET
 _LIST_CLINICS = "/* hcrepo:for_each_clinic */ SELECT id FROM clinics ORDER BY id"
 
 
@@ -84,10 +83,18 @@ class Database:
     # -- context -------------------------------------------------------------------------
 
     def context(
-        self, *, clinic_id: UUID | str | None = _UNSET, actor_id: UUID | str | None = _UNSET
+        self,
+        *,
+        clinic_id: UUID | str | None = tenancy.UNSET,
+        actor_id: UUID | str | None = tenancy.UNSET,
     ) -> AbstractContextManager[Context]:
         """Make clinic and actor ambient for the block (contextvars; nests)."""
         return tenancy.use(clinic_id, actor_id)
+
+    @property
+    def fixed_context(self) -> None:
+        """Each call takes the ambient context (or a repository's explicit one)."""
+        return None
 
     def last_write_token(self) -> str | None:
         """Read-your-writes token of this context's commits (None: nothing to wait for).
@@ -206,8 +213,8 @@ class Database:
         *,
         isolation: str | None = None,
         read_only: bool = False,
-        clinic_id: UUID | str | None = _UNSET,
-        actor_id: UUID | str | None = _UNSET,
+        clinic_id: UUID | str | None = tenancy.UNSET,
+        actor_id: UUID | str | None = tenancy.UNSET,
     ) -> UnitOfWork:
         """One primary transaction: `with db.unit_of_work() as uow: Repo(uow).method(...)`."""
         return UnitOfWork(
@@ -228,8 +235,8 @@ class Database:
         retries: int = 3,
         isolation: str | None = None,
         read_only: bool = False,
-        clinic_id: UUID | str | None = _UNSET,
-        actor_id: UUID | str | None = _UNSET,
+        clinic_id: UUID | str | None = tenancy.UNSET,
+        actor_id: UUID | str | None = tenancy.UNSET,
         **kwargs: Any,
     ) -> R:
         """Run `fn(uow, **kwargs)` in a unit of work, re-running it from the start on errors

@@ -16,10 +16,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from time import perf_counter
 from typing import Any, ClassVar, NamedTuple, ParamSpec, Protocol, TypeVar
+from uuid import UUID
 
-from hcrepo import sqlfile
+from hcrepo import sqlfile, tenancy
 from hcrepo.errors import (
     ActorRequired,
+    InvalidContext,
     InvalidOrderBy,
     PageSizeExceeded,
     SqlFileError,
@@ -140,6 +142,10 @@ class Runner(Protocol):
     @property
     def observer(self) -> Observer: ...
 
+    @property
+    def fixed_context(self) -> Context | None:
+        """The context every call runs with regardless of the ambient one (a unit of work's)."""
+
     def run(self, plan: Plan, args: tuple[Any, ...], sql: str) -> Any: ...
 
 
@@ -177,8 +183,34 @@ class Repository:
     __plans__: ClassVar[dict[str, Plan]]
     __tenant_scoped__: ClassVar[bool] = True
 
-    def __init__(self, runner: Runner) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        *,
+        clinic_id: UUID | str | None = tenancy.UNSET,
+        actor_id: UUID | str | None = tenancy.UNSET,
+    ) -> None:
+        """`clinic_id` / `actor_id` given here override the ambient context for every call
+        through this instance. A unit of work keeps the clinic and actor it was opened with,
+        so an override that differs from them is refused."""
         self._runner = runner
+        self._explicit: dict[str, Any] | None = None
+        given = {name: value for name, value in (("clinic_id", clinic_id),
+                                                 ("actor_id", actor_id))
+                 if value is not tenancy.UNSET}
+        if not given:
+            return
+        fixed = runner.fixed_context
+        if fixed is None:
+            self._explicit = given
+            return
+        wanted = tenancy.resolve(**given)
+        for name in given:
+            if getattr(wanted, name) != getattr(fixed, name):
+                raise InvalidContext(
+                    f"{type(self).__name__}: a unit of work runs with the {name} it was opened "
+                    f"with; pass {name} to db.unit_of_work() instead"
+                )
 
     def __init_subclass__(cls, *, sql: str | None = None, tenant: bool = True, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -279,7 +311,10 @@ def _method(plan: Plan, declared: Callable[..., Any]) -> Callable[..., Any]:
         runner = self._runner
         started = perf_counter()
         try:
-            return runner.run(plan, args, sql)
+            if self._explicit is None:
+                return runner.run(plan, args, sql)
+            with tenancy.use(**self._explicit):
+                return runner.run(plan, args, sql)
         except BaseException as error:
             runner.observer.failed(plan, error)
             raise

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import NamedTuple, ParamSpec, TypeVar
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 from uuid import UUID
 
 from hcrepo.errors import InvalidContext
@@ -37,26 +37,26 @@ class Context(NamedTuple):
 EMPTY = Context()
 _current: contextvars.ContextVar[Context] = contextvars.ContextVar("hcrepo_context", default=EMPTY)
 
-_UNSET: object = object()
+UNSET: Any = object()  # "not given": None means "no clinic"
 
 
 def current() -> Context:
     return _current.get()
 
 
-def resolve(clinic_id: object = _UNSET, actor_id: object = _UNSET) -> Context:
+def resolve(clinic_id: object = UNSET, actor_id: object = UNSET) -> Context:
     """The ambient context with explicit arguments taking precedence."""
     ambient = _current.get()
-    if clinic_id is _UNSET and actor_id is _UNSET:
+    if clinic_id is UNSET and actor_id is UNSET:
         return ambient
     return Context(
-        ambient.clinic_id if clinic_id is _UNSET else _as_uuid(clinic_id, "clinic_id"),
-        ambient.actor_id if actor_id is _UNSET else _as_uuid(actor_id, "actor_id"),
+        ambient.clinic_id if clinic_id is UNSET else _as_uuid(clinic_id, "clinic_id"),
+        ambient.actor_id if actor_id is UNSET else _as_uuid(actor_id, "actor_id"),
     )
 
 
 @contextmanager
-def use(clinic_id: object = _UNSET, actor_id: object = _UNSET) -> Iterator[Context]:
+def use(clinic_id: object = UNSET, actor_id: object = UNSET) -> Iterator[Context]:
     """Make a context ambient for the block; fields not given are inherited from the outer one."""
     context = resolve(clinic_id, actor_id)
     token = _current.set(context)

@@ -140,6 +140,11 @@ class UnitOfWork:
         self._hooks.append(hook)
 
     @property
+    def fixed_context(self) -> Context:
+        """Set at BEGIN for the whole transaction: repositories cannot override it."""
+        return self.context
+
+    @property
     def joinable(self) -> bool:
         """Open, and owned by the calling thread: `Database.transaction` may run inside it."""
         return self._conn is not None and self._thread == threading.get_ident()

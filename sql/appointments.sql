@@ -29,9 +29,17 @@ ORDER BY starts_at, id
 LIMIT :limit
 
 -- name: book_appointment
+-- Bookings of one provider queue on the provider's row first. Without that, concurrent
+-- overlapping inserts wait on each other inside the exclusion check and deadlock (one victim
+-- per deadlock_timeout); with it the first commits and the rest meet its row as a conflict.
+-- The exclusion constraint stays the guarantee. An unknown provider books nothing (NotFound).
+WITH provider AS (
+    SELECT id FROM providers WHERE id = :provider_id FOR NO KEY UPDATE
+)
 INSERT INTO appointments (clinic_id, patient_id, provider_id, starts_at, ends_at, reason)
-VALUES (current_setting('app.clinic_id')::uuid, :patient_id, :provider_id, :starts_at,
-        :ends_at, :reason)
+SELECT current_setting('app.clinic_id')::uuid, :patient_id, provider.id, :starts_at, :ends_at,
+       :reason
+FROM provider
 RETURNING id, clinic_id, patient_id, provider_id, starts_at, ends_at, status, reason,
           created_at, updated_at
 

@@ -40,12 +40,6 @@ class Probe(BaseModel):
 
 
 class Clinical(Repository, sql="sql/clinical.sql"):
-    @query("book")
-    def book(
-        self, *, clinic_id: UUID, patient_id: UUID, provider_id: UUID, starts_at: datetime,
-        ends_at: datetime,
-    ) -> UUID: ...
-
     @query("count_bookings")
     def count_bookings(self, *, provider_id: UUID, starts_at: datetime) -> int: ...
 

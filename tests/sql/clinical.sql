@@ -1,10 +1,5 @@
 -- Test-only queries on tenant tables (row-level security scopes every one to app.clinic_id).
 
--- name: book
-INSERT INTO appointments (clinic_id, patient_id, provider_id, starts_at, ends_at)
-VALUES (:clinic_id, :patient_id, :provider_id, :starts_at, :ends_at)
-RETURNING id
-
 -- name: count_bookings
 SELECT count(*) FROM appointments WHERE provider_id = :provider_id AND starts_at = :starts_at
 
