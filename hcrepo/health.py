@@ -137,7 +137,6 @@ class NodeHealth:
         self.lag_seconds: float | None = None
         self.lagging = False
         self.latency: float | None = None
-        self.checked_at: float | None = None
         self.error: str | None = None
         self.refreshes = Counter()
         self._refreshing = threading.Lock()
@@ -156,7 +155,6 @@ class NodeHealth:
     def observe(self, probe: Probe, at: float) -> None:
         self.up = True
         self.error = None
-        self.checked_at = at
         self.lsn, self.lsn_at = probe.lsn, at
         previous = self.latency
         self.latency = probe.latency if previous is None else (
@@ -165,7 +163,6 @@ class NodeHealth:
 
     def down(self, error: BaseException, at: float) -> None:
         self.up = False
-        self.checked_at = at
         self.error = describe_error(error)
         self.forget_replay()
 
