@@ -107,6 +107,10 @@ class Settings(BaseSettings):
     # Probabilistic early refresh (XFetch); 0 turns it off.
     cache_xfetch_beta: float = _setting("HCREPO_CACHE_XFETCH_BETA", 1.0, ge=0)
 
+    # Off behind a pooler that cannot keep named prepared statements per client (PgBouncer
+    # before 1.21 in transaction mode): every statement is then parsed unnamed, in its batch.
+    prepared_statements: bool = _setting("HCREPO_PREPARED_STATEMENTS", True)
+
     slow_query_threshold_ms: float = _setting("SLOW_QUERY_THRESHOLD", 500.0, ge=0)
 
     @field_validator("database_url")

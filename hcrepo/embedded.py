@@ -831,3 +831,112 @@ def _cluster_info_fields(info: object) -> Iterator[tuple[str, str]]:
         key, sep, value = line.partition(":")
         if sep:
             yield key.strip(), value.strip()
+
+
+class PgBouncer(_ThrowAway):
+    """A throw-away PgBouncer in transaction pooling mode in front of one database.
+
+    `pool_size` server connections are shared by every client, so two clients' transactions
+    land on the same server session one after the other: what invariant 2 must survive.
+    Client and server logins use `users` (name -> password), scram on both sides.
+    """
+
+    host: str
+    port: int
+
+    def __init__(
+        self,
+        server: PostgresServer,
+        *,
+        dbname: str,
+        users: Mapping[str, str],
+        pool_size: int = 1,
+        base_dir: Path | None = None,
+    ) -> None:
+        self.host = LOOPBACK
+        self.port = _check_port(None)
+        self._server = server
+        self._dbname = dbname
+        self._users = dict(users)
+        self._pool_size = pool_size
+        self._root = _private_dir("hcrepo-pgbouncer-", base_dir)
+        self._log_file = self._root / "pgbouncer.log"
+        self._process: subprocess.Popen[bytes] | None = None
+        self._lock = threading.RLock()
+        self._closed = False
+        _track(self)
+
+    def url(self, *, user: str) -> str:
+        return (f"postgresql://{quote(user, safe='')}:{quote(self._users[user], safe='')}"
+                f"@{self.host}:{self.port}/{quote(self._dbname, safe='')}")
+
+    def start(self) -> Self:
+        with self._lock:
+            if self._process is not None and self._process.poll() is None:
+                return self
+            binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+            config = self._root / "pgbouncer.ini"
+            userlist = self._root / "userlist.txt"
+            userlist.write_text("".join(
+                f'"{name}" "{password}"\n' for name, password in self._users.items()
+            ))
+            config.write_text(
+                "[databases]\n"
+                f"{self._dbname} = host={self._server.host} port={self._server.port} "
+                f"dbname={self._dbname}\n"
+                "[pgbouncer]\n"
+                f"listen_addr = {self.host}\nlisten_port = {self.port}\n"
+                "unix_socket_dir =\n"
+                f"auth_type = scram-sha-256\nauth_file = {userlist}\n"
+                "pool_mode = transaction\n"
+                f"default_pool_size = {self._pool_size}\nmin_pool_size = 0\n"
+                f"logfile = {self._log_file}\npidfile = {self._root / 'pgbouncer.pid'}\n"
+                "ignore_startup_parameters = extra_float_digits,options\n"
+            )
+            account = _service_account()
+            for path in (config, userlist):
+                path.chmod(0o600)
+                if account is not None:
+                    os.chown(path, *account)
+            self._process = subprocess.Popen(
+                [binary, str(config)], cwd=self._root, env=_server_env(),
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True, **_as_service_user(),
+            )
+            self._wait_ready()
+            return self
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                if self._process is not None and self._process.poll() is None:
+                    self._process.terminate()
+                    try:
+                        self._process.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        self._process.kill()
+                        self._process.wait(timeout=30)
+            finally:
+                shutil.rmtree(self._root, ignore_errors=True)
+                _untrack(self)
+
+    def _wait_ready(self) -> None:
+        assert self._process is not None
+        deadline = time.monotonic() + _START_TIMEOUT
+        while not _accepts(self.host, self.port):
+            if self._process.poll() is not None or time.monotonic() >= deadline:
+                log = _tail(self._log_file)
+                self.close()
+                raise EmbeddedServerError(
+                    f"pgbouncer on port {self.port} did not start; log tail:\n{log}"
+                )
+            time.sleep(0.01)
+
+
+def _accepts(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1)
+        return sock.connect_ex((host, port)) == 0

@@ -192,6 +192,7 @@ class Node:
         return pool
 
     def _configure(self, conn: HcConnection) -> None:
+        conn.named_statements = self._settings.prepared_statements
         row = conn.execute(_ROLE_SQL).fetchone()
         assert row is not None  # a SELECT without FROM returns one row
         self.verify_role(in_recovery=bool(row[0]), started_at=row[1])

@@ -44,6 +44,7 @@ class HcConnection(psycopg.Connection[Any]):
         else:
             super().__init__(pgconn, row_factory)
         self.prepared: dict[tuple[str, tuple[int, ...]], bytes] = {}
+        self.named_statements = True
         self.transformer = Transformer.from_context(self)
 
 
@@ -89,7 +90,7 @@ def run(conn: HcConnection, statements: Sequence[Statement]) -> list[pq.abc.PGre
                 )
                 types, formats = tuple(transformer.types or ()), transformer.formats
             key = (statement.sql, types)
-            if statement.prepare:
+            if statement.prepare and conn.named_statements:
                 name = conn.prepared.get(key)
                 if name is None:
                     name = f"hc_{len(conn.prepared)}".encode()

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Makes sure the server binaries the tests and the demo start are on this machine:
 # PostgreSQL >= 14 (initdb, pg_ctl, pg_basebackup, postgres) with its contrib extensions
-# (pg_stat_statements, btree_gist), redis-server and redis-cli. Installs them with apt when
+# (pg_stat_statements, btree_gist), redis-server, redis-cli and pgbouncer. Installs them with apt when
 # root; otherwise names what to install. Silent when everything is there.
 set -euo pipefail
 
 MIN_PG_MAJOR=14
-PACKAGES="postgresql postgresql-contrib redis-server"
+PACKAGES="postgresql postgresql-contrib redis-server pgbouncer"
 
 # Same search order as hcrepo.embedded.pg_bindir(): PATH, pg_config --bindir, then the
 # highest /usr/lib/postgresql/*/bin.
@@ -72,6 +72,7 @@ missing() {
   fi
   command -v redis-server >/dev/null 2>&1 || echo "redis-server"
   command -v redis-cli >/dev/null 2>&1 || echo "redis-cli"
+  command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || echo "pgbouncer"
 }
 
 absent=$(missing)
