@@ -11,7 +11,7 @@ import functools
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
 import tenacity
@@ -21,8 +21,9 @@ from hcrepo import metrics, tenancy
 from hcrepo.cache import Cache
 from hcrepo.config import Settings
 from hcrepo.driver_errors import RETRYABLE_SQLSTATES
-from hcrepo.errors import CommitOutcomeUnknown, ConnectionLost, DatabaseError
+from hcrepo.errors import ConnectionLost, DatabaseError
 from hcrepo.execution import (
+    commit_outcome_unknown,
     context_statement,
     ensure_open,
     fetch_lsn,
@@ -38,7 +39,6 @@ from hcrepo.unit_of_work import UnitOfWork, open_unit
 if TYPE_CHECKING:
     from hcrepo.repository import Plan
 
-P = ParamSpec("P")
 R = TypeVar("R")
 
 _LIST_CLINICS = "/* hcrepo:for_each_clinic */ SELECT id FROM clinics ORDER BY id"
@@ -172,11 +172,7 @@ class Database:
                 results = run_or_translate(conn, statements, plan.name, plan.source)
             except ConnectionLost as exc:
                 # The write and its implicit COMMIT were sent: it may have been committed.
-                raise CommitOutcomeUnknown(
-                    f"connection lost running {plan.name} ({plan.source}): the write may or "
-                    "may not have been committed; check before repeating it",
-                    sqlstate=exc.sqlstate, query=plan.name,
-                ) from exc
+                raise commit_outcome_unknown(exc.sqlstate, plan.name) from exc
             value = plan.shape.build(results[1], conn.transformer, plan.name, plan.source)
         lsn = results[2].get_value(0, 0) if len(results) > 2 else None
         self._committed(context, [(plan, args)], lsn.decode() if lsn else None)

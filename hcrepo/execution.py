@@ -11,7 +11,7 @@ import psycopg
 
 from hcrepo import pipeline
 from hcrepo.driver_errors import translate
-from hcrepo.errors import ConnectionLost
+from hcrepo.errors import CommitOutcomeUnknown, ConnectionLost
 from hcrepo.pipeline import HcConnection, PipelineError, Statement
 from hcrepo.tenancy import Context
 
@@ -86,6 +86,15 @@ def connection_lost(
     return ConnectionLost(
         f"connection lost before {before} was sent; nothing was committed",
         sqlstate=error.sqlstate if error is not None else None, query=query,
+    )
+
+
+def commit_outcome_unknown(sqlstate: str | None, query: str) -> CommitOutcomeUnknown:
+    """The connection broke while a COMMIT (explicit, or a Sync's implicit one) was in flight."""
+    return CommitOutcomeUnknown(
+        f"connection lost while {query} was committing: it may or may not have been "
+        "committed; check before repeating it",
+        sqlstate=sqlstate, query=query,
     )
 
 

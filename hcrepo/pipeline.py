@@ -2,11 +2,11 @@
 
 psycopg's public `Connection.pipeline()` costs about 40% of a point read in client time; this
 module drives libpq's pipeline mode directly (psycopg.pq plus psycopg's own C wait/fetch
-generators): every statement is a named prepared statement (prepared inside the same pipeline
-the first time a connection sees it), parameters are dumped by psycopg's Transformer, results
-come back in binary, and one Sync ends the batch. On an autocommit connection the statements
-before a Sync run in one implicit transaction, which is what makes a transaction-local
-`set_config` plus the query cost one round trip.
+generators): statements are named prepared statements (prepared inside the same pipeline the
+first time a connection sees them; unnamed behind a pooler that cannot keep them), parameters
+are dumped by psycopg's Transformer, results come back in binary, and one Sync ends the batch.
+On an autocommit connection the statements before a Sync run in one implicit transaction,
+which is what makes a transaction-local `set_config` plus the query cost one round trip.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from psycopg.adapt import PyFormat, Transformer
 _BINARY = pq.Format.BINARY
 _FATAL = pq.ExecStatus.FATAL_ERROR
 _ABORTED = pq.ExecStatus.PIPELINE_ABORTED
-_SYNC = pq.ExecStatus.PIPELINE_SYNC
 
 
 class Statement(NamedTuple):

@@ -23,11 +23,11 @@ import psycopg
 from hcrepo import pipeline
 from hcrepo.driver_errors import translate
 from hcrepo.errors import (
-    CommitOutcomeUnknown,
     DatabaseError,
     HcrepoError,
 )
 from hcrepo.execution import (
+    commit_outcome_unknown,
     context_statement,
     ensure_open,
     fetch_lsn,
@@ -265,12 +265,12 @@ class UnitOfWork:
             results = pipeline.run(conn, statements)
         except PipelineError as failure:
             if session_ended(conn, failure.error):
-                raise _unknown(failure.error) from failure.error
+                raise commit_outcome_unknown(failure.error.sqlstate, "COMMIT") from failure.error
             # The server answered COMMIT with an error (e.g. a deferred constraint or a
             # serialization failure at commit): the transaction is definitely rolled back.
             raise translate(failure.error, query="COMMIT", source="unit of work") from failure.error
         except psycopg.OperationalError as exc:
-            raise _unknown(exc) from exc
+            raise commit_outcome_unknown(exc.sqlstate, "COMMIT") from exc
         if results[0].command_status != b"COMMIT":
             # COMMIT of a transaction in the failed state answers ROLLBACK, without an error.
             raise DatabaseError(
@@ -309,10 +309,3 @@ class UnitOfWork:
         if self._on_commit is not None:
             self._on_commit(self)
 
-
-def _unknown(error: psycopg.Error) -> CommitOutcomeUnknown:
-    return CommitOutcomeUnknown(
-        "connection lost while COMMIT was in flight: the transaction may or may not have "
-        "been committed; check before repeating it",
-        sqlstate=error.sqlstate, query="COMMIT",
-    )
