@@ -682,11 +682,7 @@ class RedisServer(_ThrowAway):
             if process is None or process.poll() is not None:
                 return
             # SIGTERM rather than SHUTDOWN NOSAVE: it needs no password and no client retries.
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+            _terminate(process)
 
     def kill(self) -> None:
         """SIGKILL the server (a crash, for failure tests); `restart()` brings it back."""
@@ -913,12 +909,7 @@ class PgBouncer(_ThrowAway):
             self._closed = True
             try:
                 if self._process is not None and self._process.poll() is None:
-                    self._process.terminate()
-                    try:
-                        self._process.wait(timeout=10)
-                    except subprocess.TimeoutExpired:
-                        self._process.kill()
-                        self._process.wait(timeout=30)
+                    _terminate(self._process)
             finally:
                 shutil.rmtree(self._root, ignore_errors=True)
                 _untrack(self)
@@ -934,6 +925,16 @@ class PgBouncer(_ThrowAway):
                     f"pgbouncer on port {self.port} did not start; log tail:\n{log}"
                 )
             time.sleep(0.01)
+
+
+def _terminate(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if the server lingers."""
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=30)
 
 
 def _accepts(host: str, port: int) -> bool:
