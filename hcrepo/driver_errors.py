@@ -3,8 +3,8 @@
 PostgreSQL puts row values in DETAIL ("Key (mrn)=(...) already exists", "Failing row contains
 ...") and data-exception messages echo the bad input, so only the SQLSTATE, its condition name,
 the constraint/table/column names and — for classes whose primary message holds no values —
-the primary message are kept. The original psycopg error stays on `__cause__` for debuggers;
-it is never formatted into logs by hcrepo.
+the primary message are kept. Callers raise the result `from None`: a chained psycopg error
+would put its message, values and all, into every logged traceback.
 """
 
 from __future__ import annotations

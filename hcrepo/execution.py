@@ -114,7 +114,7 @@ def run_or_translate(
     except PipelineError as failure:
         if session_ended(conn, failure.error):
             raise connection_lost(failure.error, query, before) from failure.error
-        raise translate(failure.error, query=query, source=source) from failure.error
+        raise translate(failure.error, query=query, source=source) from None
     except psycopg.OperationalError as exc:
         raise connection_lost(exc, query, before) from exc
 

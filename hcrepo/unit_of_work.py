@@ -268,7 +268,7 @@ class UnitOfWork:
                 raise commit_outcome_unknown(failure.error.sqlstate, "COMMIT") from failure.error
             # The server answered COMMIT with an error (e.g. a deferred constraint or a
             # serialization failure at commit): the transaction is definitely rolled back.
-            raise translate(failure.error, query="COMMIT", source="unit of work") from failure.error
+            raise translate(failure.error, query="COMMIT", source="unit of work") from None
         except psycopg.OperationalError as exc:
             raise commit_outcome_unknown(exc.sqlstate, "COMMIT") from exc
         if results[0].command_status != b"COMMIT":
