@@ -24,6 +24,7 @@ from pydantic import BaseModel
 
 from hcrepo import Database, Repository, Settings, query
 from hcrepo.embedded import PostgresServer
+from hcrepo.node import Node
 from tests.plugins.servers import WaitReplayed
 from tests.wire import Relay
 
@@ -140,6 +141,13 @@ def until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> No
             raise AssertionError(f"timed out waiting for {what}")
         threading.Event().wait(pause)
         pause = min(pause * 2, 0.05)
+
+
+def pool_settled(node: Node) -> bool:
+    """No connection of `node`'s pool is being opened (or checked out): only callers can
+    make it talk to its server now."""
+    stats = node.pool.get_stats()
+    return stats["pool_available"] == stats["pool_size"]
 
 
 def ports(db: Database, reads: int) -> collections.Counter[int]:

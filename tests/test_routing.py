@@ -15,7 +15,16 @@ from prometheus_client import generate_latest
 
 from hcrepo import ConfigError, Database, InvalidToken, Settings, metrics
 from hcrepo.consistency import format_lsn, parse_lsn
-from tests.routing_support import Cluster, Found, LogSink, Routing, SlowRelay, ports, until
+from tests.routing_support import (
+    Cluster,
+    Found,
+    LogSink,
+    Routing,
+    SlowRelay,
+    pool_settled,
+    ports,
+    until,
+)
 from tests.wire import Relay
 
 pytest_plugins = ["tests.routing_fixtures"]
@@ -143,7 +152,15 @@ def test_caught_up_token_adds_no_round_trip(cluster: Cluster) -> None:
             token = db.last_write_token()
         assert token is not None
         cluster.catch_up()
-        ports(db, 4)  # every replica pool has its connection (configure ran)
+        ports(db, 4)  # every replica pool has served a read
+        # The relays must see the read alone, but two things started above talk to the
+        # replicas through them on threads of their own. A first read that finds its lazily
+        # opened pool still connecting makes psycopg_pool grow the pool by one: that
+        # connection authenticates and runs configure in a pool worker, whenever it gets to
+        # it. And open() started the monitor thread, whose first cycle probes every node.
+        until(lambda: all(pool_settled(node) for node in router.replicas),
+              "the replica pools to finish connecting")
+        until(lambda: router.monitor.cycles.value >= 2, "the monitor thread's first cycle")
         router.monitor.check_now()  # the cached replay positions now cover the token
         refreshes = [node.health.refreshes.value for node in router.replicas]
         for relay in relays:

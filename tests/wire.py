@@ -51,6 +51,11 @@ class Relay:
     def close(self) -> None:
         self._listener.close()
         for sock in self._sockets:
+            # close() alone does not wake a pump blocked in recv(), which keeps the socket
+            # open: the client would wait forever for a reply (a pool worker mid-connect
+            # then cannot be stopped) and the server backend would never see its end.
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
             sock.close()
 
     def _accept(self) -> None:
