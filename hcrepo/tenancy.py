@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, NamedTuple, ParamSpec, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar
 from uuid import UUID
 
 from hcrepo.errors import InvalidContext
@@ -19,19 +20,24 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-class Context(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Context:
     """Who is acting (actor) for which tenant (clinic); either may be absent."""
 
     clinic_id: UUID | None = None
     actor_id: UUID | None = None
+    # Every transaction sends these: rendering two UUIDs costs about 2 µs, a tenth of what
+    # the context adds to a point read, so it is done once, when the context is made.
+    settings: tuple[str, str] = field(init=False, repr=False, compare=False)
+    """The values of `app.clinic_id` / `app.actor_id`; '' means none (RLS fails closed)."""
 
-    @property
-    def settings(self) -> tuple[str, str]:
-        """The values of `app.clinic_id` / `app.actor_id`; '' means none (RLS fails closed)."""
-        return (
-            "" if self.clinic_id is None else str(self.clinic_id),
-            "" if self.actor_id is None else str(self.actor_id),
-        )
+    def __post_init__(self) -> None:
+        rendered = (_as_setting(self.clinic_id), _as_setting(self.actor_id))
+        object.__setattr__(self, "settings", rendered)
+
+
+def _as_setting(value: UUID | None) -> str:
+    return "" if value is None else str(value)
 
 
 EMPTY = Context()
