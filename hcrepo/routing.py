@@ -136,6 +136,9 @@ class Router:
     def _read(self, attempt: Callable[[HcConnection], R]) -> R:
         if self._monitor is None:
             self._ensure_monitor()
+        if not self.replicas:
+            # Nothing to choose; on the primary `_attempt` raises rather than returning _FAILED.
+            return self._attempt(self.primary, attempt)  # type: ignore[return-value]
         need = consistency.required(self.cluster)
         routable = self._routable
         if not routable:
