@@ -1,8 +1,8 @@
 """Reads through the router: 8 threads, a primary and 2 streaming replicas (issue 5).
 
-Throughput of point reads by primary key, measured in interleaved short slices (order rotated
-each round, median of the slices), all in one process against the same two replicas; the raw
-variants keep one psycopg_pool per replica and alternate between them:
+Throughput of point reads by primary key, measured in interleaved short slices (in the
+harness's balanced orders, median of the slices), all in one process against the same two
+replicas; the raw variants keep one psycopg_pool per replica and alternate between them:
 
 - raw psycopg_pool, query only: one `conn.execute()` as the superuser, no tenant context and
   no RLS: less server work than any hcrepo read, shown for scale;
@@ -36,7 +36,7 @@ from typing import Any
 import psycopg_pool
 
 from benchmarks.bench_point_read import SQL, Patients
-from benchmarks.harness import APP_PASSWORD, DBNAME, pin, stack
+from benchmarks.harness import APP_PASSWORD, DBNAME, balanced_rounds, pin, stack
 from hcrepo import Database, Repository, Settings, migrate, query
 from hcrepo import pipeline as hc_pipeline
 from hcrepo.embedded import PostgresServer, wait_for_replay
@@ -117,16 +117,16 @@ Variant = tuple[Crew, Callable[[], object]]
 
 
 def measure(variants: dict[str, Variant]) -> dict[str, float]:
-    """Median reads/s of each variant over interleaved, rotated slices."""
+    """Median reads/s of each variant over interleaved slices in balanced orders."""
     names = list(variants)
     for _ in range(WARMUP_ROUNDS):
         for name in names:
             crew, fn = variants[name]
             crew.slice(fn)
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for round_number in range(ROUNDS):
-        shift = round_number % len(names)
-        for name in names[shift:] + names[:shift]:
+    for order in balanced_rounds(ROUNDS, len(names)):
+        for index in order:
+            name = names[index]
             crew, fn = variants[name]
             samples[name].append(crew.slice(fn))
     return {name: statistics.median(values) for name, values in samples.items()}

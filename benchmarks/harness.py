@@ -2,8 +2,11 @@
 interleaved timer.
 
 This VM's CPU speed swings about 2x within seconds, so variants are never run one after the
-other: each round runs a short slice of every variant in turn (order rotated), and the
-reported figure is the median of the per-call times of all slices. When the process may,
+other: each round runs a short slice of every variant in turn, and the reported figure is the
+median of the per-call times of all slices. A slice also runs slower after a heavy neighbour
+(SQLAlchemy's slices evict the caches the next one needs), so the order of each round comes
+from a Williams design: every variant follows every other one equally often. A plain rotation
+had each variant always follow the same one, and moved ratios by up to 10%. When the process may,
 the client is pinned to one core and the PostgreSQL server to the other, so the backend a
 variant happens to get does not decide the result.
 """
@@ -88,21 +91,46 @@ def interleaved(
     calls_per_slice: int = 50,
     warmup: int = 200,
 ) -> dict[str, float]:
-    """Median microseconds per call of each variant, measured in rotated short slices."""
+    """Median microseconds per call of each variant, measured in short slices in balanced
+    orders (`rounds` is rounded up to whole designs)."""
     for fn in variants.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
-    for round_number in range(rounds):
-        shift = round_number % len(names)
-        for name in names[shift:] + names[:shift]:
+    for order in balanced_rounds(rounds, len(names)):
+        for index in order:
+            name = names[index]
             fn = variants[name]
             start = time.perf_counter()
             for _ in range(calls_per_slice):
                 fn()
             samples[name].append((time.perf_counter() - start) / calls_per_slice * 1e6)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def balanced_rounds(rounds: int, count: int) -> Iterator[list[int]]:
+    """At least `rounds` orders of `count` variants, in whole designs (a cut one is unbalanced)."""
+    orders = balanced_orders(count)
+    for round_number in range(-(-rounds // len(orders)) * len(orders)):
+        yield orders[round_number % len(orders)]
+
+
+def balanced_orders(count: int) -> list[list[int]]:
+    """Orders of `count` variants in which each one runs right after each other one equally
+    often (a Williams design: 0, 1, n-1, 2, n-2, ... shifted; mirrored too when n is odd)."""
+    first = [0]
+    low, high = 1, count - 1
+    while len(first) < count:
+        first.append(low)
+        low += 1
+        if len(first) < count:
+            first.append(high)
+            high -= 1
+    orders = [[(index + shift) % count for index in first] for shift in range(count)]
+    if count % 2:
+        orders += [order[::-1] for order in orders]
+    return orders
 
 
 def table(medians: dict[str, float], baseline: str, title: str) -> str:
