@@ -124,9 +124,8 @@ def measure(variants: dict[str, Variant]) -> dict[str, float]:
             crew, fn = variants[name]
             crew.slice(fn)
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for order in balanced_rounds(ROUNDS, len(names)):
-        for index in order:
-            name = names[index]
+    for order in balanced_rounds(ROUNDS, names):
+        for name in order:
             crew, fn = variants[name]
             samples[name].append(crew.slice(fn))
     return {name: statistics.median(values) for name, values in samples.items()}

@@ -98,9 +98,8 @@ def interleaved(
             fn()
     samples: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
-    for order in balanced_rounds(rounds, len(names)):
-        for index in order:
-            name = names[index]
+    for order in balanced_rounds(rounds, names):
+        for name in order:
             fn = variants[name]
             start = time.perf_counter()
             for _ in range(calls_per_slice):
@@ -109,11 +108,11 @@ def interleaved(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def balanced_rounds(rounds: int, count: int) -> Iterator[list[int]]:
-    """At least `rounds` orders of `count` variants, in whole designs (a cut one is unbalanced)."""
-    orders = balanced_orders(count)
+def balanced_rounds(rounds: int, names: list[str]) -> Iterator[list[str]]:
+    """At least `rounds` orders of `names`, in whole designs (a cut one is unbalanced)."""
+    orders = balanced_orders(len(names))
     for round_number in range(-(-rounds // len(orders)) * len(orders)):
-        yield orders[round_number % len(orders)]
+        yield [names[index] for index in orders[round_number % len(orders)]]
 
 
 def balanced_orders(count: int) -> list[list[int]]:

@@ -26,8 +26,8 @@ class Context:
 
     clinic_id: UUID | None = None
     actor_id: UUID | None = None
-    # Every transaction sends these: rendering two UUIDs costs about 2 µs, a tenth of what
-    # the context adds to a point read, so it is done once, when the context is made.
+    # Every transaction sends these; rendering two UUIDs costs about 2 µs, so it is done once,
+    # when the context is made, not per transaction.
     settings: tuple[str, str] = field(init=False, repr=False, compare=False)
     """The values of `app.clinic_id` / `app.actor_id`; '' means none (RLS fails closed)."""
 
