@@ -67,7 +67,13 @@ class InvalidOrderBy(QueryError):
 
 
 class InvalidContext(HcrepoError, ValueError):
-    """A clinic or actor id that is not a UUID."""
+    """A clinic or actor id that is not a UUID, or a transaction asking for another clinic,
+    actor or isolation than the unit of work it would join."""
+
+
+class WriteOutsideUnitOfWork(HcrepoError):
+    """A write through `Database` while a unit of work is open in the same block: it would
+    commit on its own, and again each time the unit is retried (see `Database.autonomous`)."""
 
 
 class TenantContextMissing(HcrepoError):
