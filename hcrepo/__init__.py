@@ -29,6 +29,7 @@ from hcrepo.errors import (
     TenantContextMissing,
     TooManyRows,
     UniqueViolation,
+    WriteOutsideUnitOfWork,
 )
 from hcrepo.repository import Repository, cached, query
 from hcrepo.tenancy import Context, bind_context
@@ -64,6 +65,7 @@ __all__ = [
     "TooManyRows",
     "UniqueViolation",
     "UnitOfWork",
+    "WriteOutsideUnitOfWork",
     "bind_context",
     "cached",
     "query",
