@@ -21,7 +21,7 @@ from hcrepo import consistency, metrics, tenancy
 from hcrepo.cache import Cache
 from hcrepo.config import Settings
 from hcrepo.driver_errors import RETRYABLE_SQLSTATES
-from hcrepo.errors import ConnectionLost, DatabaseError, WriteOutsideUnitOfWork
+from hcrepo.errors import ConnectionLost, DatabaseError, WriteOutsideUnitOfWork, detached
 from hcrepo.execution import (
     commit_outcome_unknown,
     context_statement,
@@ -293,7 +293,23 @@ class Database:
         isolation or read-only mode than that unit has. Elsewhere (another thread, through
         `bind_context`) it runs its own. Bad options are refused before anything is sent.
         """
-        context = tenancy.resolve(clinic_id, actor_id)
+        # The public boundary: errors leave without hcrepo's frames, which hold `kwargs`.
+        try:
+            return self._transaction(fn, retries, isolation, read_only,
+                                     tenancy.resolve(clinic_id, actor_id), kwargs)
+        except Exception as error:
+            failure = error
+        raise detached(failure)
+
+    def _transaction(
+        self,
+        fn: Callable[..., R],
+        retries: int,
+        isolation: str | None,
+        read_only: bool,
+        context: Context,
+        kwargs: dict[str, Any],
+    ) -> R:
         begin_statement(isolation, read_only)
         joined = tenancy.scope().open_unit()
         if isinstance(joined, UnitOfWork) and joined.joinable:

@@ -27,6 +27,7 @@ from hcrepo.errors import (
     DatabaseError,
     HcrepoError,
     InvalidContext,
+    detached,
 )
 from hcrepo.execution import (
     commit_outcome_unknown,
@@ -131,8 +132,17 @@ class UnitOfWork:
         tb: TracebackType | None,
     ) -> None:
         try:
+            self._end(exc_type is None)
+        except Exception as error:
+            failure = error
+        else:
+            return
+        raise detached(failure)  # a public boundary, like a repository call's
+
+    def _end(self, commit: bool) -> None:
+        try:
             self._close_streams()
-            if exc_type is None:
+            if commit:
                 self._commit()
             else:
                 self._rollback()

@@ -156,8 +156,15 @@ def test_a_wsgi_thread_hands_no_context_to_its_next_request(
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [body]
 
+    # One worker thread: the second request is served by the thread that served the first.
     server = waitress.server.create_server(app, host="127.0.0.1", port=0, threads=1)
-    thread = threading.Thread(target=server.run, daemon=True)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            server.asyncore.loop(timeout=0.05, map=server._map, count=1)
+
+    thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
         replies = []
@@ -167,7 +174,10 @@ def test_a_wsgi_thread_hands_no_context_to_its_next_request(
             replies.append(conn.getresponse().read())
             conn.close()
     finally:
+        stop.set()
+        thread.join(WAIT)
         server.close()
+        server.task_dispatcher.shutdown()
     assert replies == [str(len(a.patient_ids)).encode(), b"refused"]
 
 
