@@ -5,8 +5,9 @@ carry directives (`-- timeout: 2s`, `-- order_by: sort = last_name, created_at`,
 `-- max_page: 200`, `-- kind: write`). A block is one SELECT (VALUES, set operations),
 INSERT, UPDATE, DELETE or MERGE: anything that outlives its transaction (SET, cursors,
 PREPARE, LISTEN, temporary objects, session advisory locks, set_config(..., false)) would stay
-on the pooled connection for the next clinic's request, and transaction control is the unit
-of work's. A statement is a write when anything in its tree writes or locks rows.
+on the pooled connection for the next clinic's request; transaction control, and the
+clinic, actor and role settings, are hcrepo's. A statement is a write when anything in its
+tree writes or locks rows.
 
 Parameters are found with PostgreSQL's own lexer (pglast.scan), so casts, strings, comments,
 dollar quotes and `%` need no special cases, and are rewritten once to `$n` placeholders:
@@ -61,6 +62,9 @@ _SESSION_LOCK_FUNCTIONS = frozenset({
     "pg_try_advisory_lock_shared", "pg_advisory_unlock", "pg_advisory_unlock_shared",
     "pg_advisory_unlock_all",
 })
+# Settings that carry hcrepo's context for the transaction (and the roles RLS applies to).
+_CONTEXT_PREFIX = "app."
+_ROLE_SETTINGS = frozenset({"role", "session_authorization"})
 
 
 class OrderBy(NamedTuple):
@@ -312,12 +316,12 @@ def _refuse_session_effects(statement: ast.Node, start: int, block: _Block, fail
         line, column = _position(block.body, start)
         raise fail(f"{kind} is not allowed: {why}", block.body_line + line, column)
     for node in _nodes(statement):
-        if isinstance(node, ast.FuncCall) and _changes_the_session(node):
+        if not isinstance(node, ast.FuncCall):
+            continue
+        refused = _function_refusal(node)
+        if refused is not None:
             line, column = _position(block.body, node.location or 0)
-            name = _function_name(node)
-            hint = ("pass is_local = true" if name == "set_config"
-                    else "use pg_advisory_xact_lock")
-            raise fail(f"{name}() {_SESSION_STATE} ({hint})", block.body_line + line, column)
+            raise fail(f"{_function_name(node)}() {refused}", block.body_line + line, column)
 
 
 def _refusal(statement: ast.Node) -> tuple[str, str] | None:
@@ -359,18 +363,35 @@ def _function_name(call: ast.FuncCall) -> str:
     return str(call.funcname[-1].sval) if call.funcname else ""
 
 
-def _changes_the_session(call: ast.FuncCall) -> bool:
+def _function_refusal(call: ast.FuncCall) -> str | None:
+    """Why a block may not call this function (session locks, hcrepo's settings), or None."""
     name = _function_name(call)
     if name in _SESSION_LOCK_FUNCTIONS:
-        return True
+        return f"{_SESSION_STATE} (use pg_advisory_xact_lock)"
     if name != "set_config":
-        return False
+        return None
     args = call.args or ()
-    is_local = args[2] if len(args) == 3 else None
-    return not (
-        isinstance(is_local, ast.A_Const) and isinstance(is_local.val, ast.Boolean)
-        and is_local.val.boolval
-    )
+    setting = _literal(args[0]) if args else None
+    if not isinstance(setting, str) or _is_context_setting(setting.lower()):
+        return ("may change the clinic, actor or role hcrepo set for the transaction "
+                "(name the setting literally, outside app.*)")
+    if len(args) != 3 or _literal(args[2]) is not True:
+        return f"{_SESSION_STATE} (pass is_local = true)"
+    return None
+
+
+def _is_context_setting(setting: str) -> bool:
+    return setting.startswith(_CONTEXT_PREFIX) or setting in _ROLE_SETTINGS
+
+
+def _literal(node: Any) -> str | bool | None:
+    """The value of a string or boolean constant; None for anything else."""
+    value = node.val if isinstance(node, ast.A_Const) else None
+    if isinstance(value, ast.String):
+        return str(value.sval)
+    if isinstance(value, ast.Boolean):
+        return bool(value.boolval)
+    return None
 
 
 def _nodes(root: ast.Node) -> Iterator[ast.Node]:

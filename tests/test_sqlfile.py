@@ -294,31 +294,39 @@ def test_statements_that_outlive_their_transaction_are_refused(
     assert str(found) == f"f.sql:5:3 [a]: {kind} is not allowed: {why}"
 
 
+CONTEXT = ("may change the clinic, actor or role hcrepo set for the transaction "
+           "(name the setting literally, outside app.*)")
+
+
 @pytest.mark.parametrize(
-    ("sql", "column", "function", "hint"),
+    ("sql", "column", "function", "why"),
     [
         ("SELECT set_config('search_path', 'evil', false)", 8, "set_config",
-         "pass is_local = true"),
-        ("SELECT 1 FROM t WHERE pg_catalog.set_config('app.clinic_id', :c, :local) = ''", 23,
-         "set_config", "pass is_local = true"),
+         f"{SESSION} (pass is_local = true)"),
+        ("SELECT 1 FROM t WHERE pg_catalog.set_config('work_mem', :m, :local) = ''", 23,
+         "set_config", f"{SESSION} (pass is_local = true)"),
+        ("SELECT set_config('app.clinic_id', :other, true)", 8, "set_config", CONTEXT),
+        ("SELECT set_config('App.Actor_Id', :other, true)", 8, "set_config", CONTEXT),
+        ("SELECT set_config('role', 'hcrepo_owner', true)", 8, "set_config", CONTEXT),
+        ("SELECT set_config(:name, :value, true)", 8, "set_config", CONTEXT),
         ("SELECT x FROM (SELECT pg_advisory_lock(:key) AS x) AS s", 23, "pg_advisory_lock",
-         "use pg_advisory_xact_lock"),
+         f"{SESSION} (use pg_advisory_xact_lock)"),
         ("UPDATE t SET a = 1 WHERE pg_try_advisory_lock_shared(1)", 26,
-         "pg_try_advisory_lock_shared", "use pg_advisory_xact_lock"),
+         "pg_try_advisory_lock_shared", f"{SESSION} (use pg_advisory_xact_lock)"),
         ("SELECT pg_advisory_unlock_all()", 8, "pg_advisory_unlock_all",
-         "use pg_advisory_xact_lock"),
+         f"{SESSION} (use pg_advisory_xact_lock)"),
     ],
 )
-def test_functions_that_change_the_session_are_refused(
-    sql: str, column: int, function: str, hint: str
+def test_functions_that_change_the_session_or_the_context_are_refused(
+    sql: str, column: int, function: str, why: str
 ) -> None:
     found = error(f"-- name: a\n{sql}")
     assert (found.line, found.column) == (2, column)
-    assert str(found).endswith(f"[a]: {function}() {SESSION} ({hint})")
+    assert str(found).endswith(f"[a]: {function}() {why}")
 
 
 def test_transaction_local_settings_and_locks_are_allowed() -> None:
-    assert one("-- name: a\nSELECT set_config('app.x', :v, true)").returns_rows
+    assert one("-- name: a\nSELECT set_config('work_mem', :v, true)").returns_rows
     assert not one("-- name: a\nSELECT pg_advisory_xact_lock(:key)").is_write
 
 
