@@ -73,15 +73,16 @@ class Tenant:
 
 @pytest.fixture
 def tenant(db: Database, seeded: Seed) -> Tenant:
-    """A new clinic (made by a seeded doctor) with one provider, in context for the test."""
+    """A new clinic (made by a seeded doctor) with one onboarded doctor who is also a
+    provider; tests enter its context with `tenant.scope(db)`."""
     with db.context(actor_id=seeded.a.user_ids[0]):
         clinic = ClinicRepository(db).create(name=f"Clinic {uuid.uuid4().hex[:8]}",
                                              timezone="America/New_York")
-        actor = UserRepository(db).create(
+    with db.context(clinic_id=clinic.id, actor_id=seeded.a.user_ids[0]):
+        actor = UserRepository(db).onboard(
             email=f"{uuid.uuid4().hex[:12]}@example.invalid", full_name="Dr Test", role="doctor"
         )
     with db.context(clinic_id=clinic.id, actor_id=actor.id):
-        StaffRepository(db).add(user_id=actor.id, role="doctor")
         provider = ProviderRepository(db).create(display_name="Dr Test", user_id=actor.id,
                                                  specialty="family medicine")
     return Tenant(clinic.id, actor.id, provider.id)
@@ -127,10 +128,9 @@ def test_reads_by_id_are_cached_and_the_writes_that_change_them_invalidate() -> 
             assert plan.invalidates == (tag,), plan.method
 
 
-def test_directories_are_not_tenant_scoped_and_clinical_data_is() -> None:
+def test_only_the_clinic_directory_is_not_tenant_scoped() -> None:
     assert not ClinicRepository.__tenant_scoped__
-    assert not UserRepository.__tenant_scoped__
-    for repository in REPOSITORIES[2:]:
+    for repository in REPOSITORIES[1:]:
         assert repository.__tenant_scoped__, repository.__name__
 
 
@@ -169,20 +169,65 @@ def test_users_and_staff(db: Database, tenant: Tenant) -> None:
     with tenant.scope(db):
         users = UserRepository(db)
         email = f"{uuid.uuid4().hex[:12]}@example.invalid"
-        nurse = users.create(email=email, full_name="Nurse Test", role="nurse")
+        nurse = users.onboard(email=email, full_name="Nurse Test", role="nurse")
         assert users.by_email(email=email) == nurse
         assert users.set_active(id=nurse.id, active=False) == 1
         fetched = users.get(id=nurse.id)
         assert fetched is not None and not fetched.active
         with pytest.raises(UniqueViolation) as caught:
-            users.create(email=email, full_name="Someone Else", role="admin")
+            users.onboard(email=email, full_name="Someone Else", role="admin")
         assert email not in str(caught.value)
 
         staff = StaffRepository(db)
-        assert staff.add(user_id=nurse.id, role="nurse") == 1
         assert {m.user_id for m in staff.members()} == {tenant.actor_id, nurse.id}
         assert staff.remove(user_id=nurse.id) == 1
         assert [m.user_id for m in staff.members()] == [tenant.actor_id]
+        # No membership, no account: the clinic no longer sees or changes it ...
+        assert users.get(id=nurse.id) is None
+        assert users.set_active(id=nurse.id, active=True) == 0
+        # ... until it adds the user back by id.
+        assert staff.add(user_id=nurse.id, role="nurse") == 1
+        assert users.by_email(email=email) == fetched
+
+
+def test_another_clinics_staff_is_out_of_reach(
+    db: Database, tenant: Tenant, seeded: Seed, migrated_db: ServerDatabase
+) -> None:
+    with tenant.scope(db):
+        users = UserRepository(db)
+        doctor = seeded.b.user_ids[0]
+        with psycopg.connect(migrated_db.superuser_url) as conn:
+            row = conn.execute("SELECT email FROM users WHERE id = %s", [doctor]).fetchone()
+        assert row is not None
+        assert users.get(id=doctor) is None
+        assert users.by_email(email=row[0]) is None
+        assert users.set_active(id=doctor, active=False) == 0
+        assert doctor not in {m.user_id for m in StaffRepository(db).members()}
+        # Onboarding B's doctor's e-mail does not attach the account to this clinic.
+        with pytest.raises(UniqueViolation):
+            users.onboard(email=row[0], full_name="Taken Over", role="admin")
+        assert users.get(id=doctor) is None
+
+
+def test_a_user_of_two_clinics_is_seen_by_both(db: Database, tenant: Tenant) -> None:
+    with tenant.scope(db):
+        users = UserRepository(db)
+        nurse = users.onboard(email=f"{uuid.uuid4().hex[:12]}@example.invalid",
+                              full_name="Nurse Shared", role="nurse")
+        with db.context(actor_id=tenant.actor_id):
+            other = ClinicRepository(db).create(name=f"Clinic {uuid.uuid4().hex[:8]}")
+        with db.context(clinic_id=other.id, actor_id=tenant.actor_id):
+            assert users.get(id=nurse.id) is None
+            assert StaffRepository(db).add(user_id=nurse.id, role="nurse") == 1
+            assert users.get(id=nurse.id) == nurse
+        assert users.get(id=nurse.id) == nurse
+
+
+def test_onboarding_needs_a_clinic(db: Database, tenant: Tenant) -> None:
+    with tenant.scope(db):
+        with db.context(clinic_id=None), pytest.raises(TenantContextMissing):
+            UserRepository(db).onboard(email=f"{uuid.uuid4().hex[:12]}@example.invalid",
+                                       full_name="Nobody", role="nurse")
 
 
 # --- patients ------------------------------------------------------------------------------
