@@ -224,10 +224,9 @@ def test_a_user_of_two_clinics_is_seen_by_both(db: Database, tenant: Tenant) -> 
 
 
 def test_onboarding_needs_a_clinic(db: Database, tenant: Tenant) -> None:
-    with tenant.scope(db):
-        with db.context(clinic_id=None), pytest.raises(TenantContextMissing):
-            UserRepository(db).onboard(email=f"{uuid.uuid4().hex[:12]}@example.invalid",
-                                       full_name="Nobody", role="nurse")
+    with tenant.scope(db), db.context(clinic_id=None), pytest.raises(TenantContextMissing):
+        UserRepository(db).onboard(email=f"{uuid.uuid4().hex[:12]}@example.invalid",
+                                   full_name="Nobody", role="nurse")
 
 
 # --- patients ------------------------------------------------------------------------------
