@@ -37,6 +37,10 @@ class Statement(NamedTuple):
     sync_after: bool = False
     prepare: bool = True
 
+    def __repr__(self) -> str:
+        # Parameters may be PHI, and tools that print frame locals print this repr.
+        return f"Statement({self.sql!r}, <{len(self.params)} parameters>)"
+
 
 class HcConnection(psycopg.Connection[Any]):
     """A pooled connection that remembers the statements it has prepared."""

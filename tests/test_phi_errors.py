@@ -23,6 +23,7 @@ from hcrepo import (
     UnitOfWork,
     query,
 )
+from hcrepo.pipeline import Statement
 from tests.repos import Clinic, MakeDatabase
 
 pytest_plugins = ["tests.repo_fixtures"]
@@ -152,3 +153,9 @@ def test_loguru_defaults_print_no_value(make_db: MakeDatabase, clinic: Clinic) -
     assert printed.count("the call failed") == len(cases)
     for value, _ in cases:
         assert value not in printed
+
+
+def test_a_statement_shows_its_text_but_not_its_parameters() -> None:
+    value = secret()
+    shown = repr(Statement("SELECT $1", (value,)))
+    assert value not in shown and "SELECT $1" in shown and "1 parameters" in shown
