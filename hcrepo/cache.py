@@ -37,8 +37,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from loguru import logger
 from prometheus_client import Counter
 
-from hcrepo import metrics
-from hcrepo.breaker import CircuitBreaker
 from hcrepo.cache_codec import (
     CODEC_VERSION,
     TOKEN_SIZE,
@@ -51,6 +49,8 @@ from hcrepo.cache_keys import KeyMaker, Uncacheable, plan_id
 from hcrepo.cache_store import REDIS_ERRORS, RedisStore, new_token
 from hcrepo.config import Settings, cache_key_bytes
 from hcrepo.errors import ConfigError
+from hcrepo.ops import metrics
+from hcrepo.ops.breaker import CircuitBreaker
 from hcrepo.tenancy import Context
 
 if TYPE_CHECKING:

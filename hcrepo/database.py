@@ -17,7 +17,7 @@ from uuid import UUID
 import tenacity
 from prometheus_client import generate_latest
 
-from hcrepo import consistency, metrics, tenancy
+from hcrepo import tenancy
 from hcrepo.cache import Cache
 from hcrepo.config import Settings
 from hcrepo.driver_errors import RETRYABLE_SQLSTATES
@@ -32,8 +32,10 @@ from hcrepo.execution import (
     stream_rows,
 )
 from hcrepo.observer import Observer
+from hcrepo.ops import metrics
 from hcrepo.pipeline import HcConnection, Statement
-from hcrepo.routing import Router
+from hcrepo.routing import consistency
+from hcrepo.routing.router import Router
 from hcrepo.tenancy import Context
 from hcrepo.unit_of_work import UnitOfWork, begin_statement
 

@@ -23,7 +23,7 @@ from uuid import UUID
 
 import psycopg
 
-from hcrepo import Database, ExclusionViolation, Settings, TenantContextMissing, metrics, migrate
+from hcrepo import Database, ExclusionViolation, Settings, TenantContextMissing, migrate
 from hcrepo.embedded import PostgresServer, RedisServer, wait_for_replay
 from hcrepo.healthcare import (
     AppointmentRepository,
@@ -31,6 +31,7 @@ from hcrepo.healthcare import (
     PatientRepository,
     ProviderRepository,
 )
+from hcrepo.ops import metrics
 
 Sex = Literal["female", "male", "other", "unknown"]
 # Obviously fake people: (MRN, first name, last name, date of birth, sex).

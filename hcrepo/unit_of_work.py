@@ -45,7 +45,7 @@ from hcrepo.tenancy import Context
 
 if TYPE_CHECKING:
     from hcrepo.repository import Plan
-    from hcrepo.routing import Node
+    from hcrepo.routing.node import Node
 
 ISOLATION_LEVELS = {
     "read_committed": "READ COMMITTED",
@@ -300,7 +300,7 @@ class UnitOfWork:
             return
         conn = self._connection
         ensure_open(conn)  # nothing sent yet: a connection found dead here is retryable
-        statements = [Statement("COMMIT", sync_after=True)]
+        statements = [Statement("COMMIT")]  # the position is read before the one Sync
         if not self.read_only:
             # Always, not only after a write-classified statement: a read can write through a
             # function, and the position is what the caller's next reads must see.
