@@ -17,7 +17,7 @@ from uuid import UUID
 import tenacity
 from prometheus_client import generate_latest
 
-from hcrepo import metrics, tenancy
+from hcrepo import consistency, metrics, tenancy
 from hcrepo.cache import Cache
 from hcrepo.config import Settings
 from hcrepo.driver_errors import RETRYABLE_SQLSTATES
@@ -42,6 +42,11 @@ if TYPE_CHECKING:
 R = TypeVar("R")
 
 _LIST_CLINICS = "/* hcrepo:for_each_clinic */ SELECT id FROM clinics ORDER BY id"
+# Sent before a cache fill's query: the WAL position its snapshot is known to reflect.
+POSITION_SQL = (
+    "SELECT pg_is_in_recovery(), (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
+    " ELSE pg_current_wal_insert_lsn() END)::text"
+)
 
 
 class Database:
@@ -131,8 +136,10 @@ class Database:
         if plan.shape.streams:
             return self._stream(plan, args, sql, context)
         if plan.cache is not None and self._cache is not None:
+            need = consistency.required(self._router.cluster)
             return self._cache.fetch(
-                plan, args, sql, context, lambda: self._read(plan, args, sql, context)
+                plan, args, sql, context, need,
+                lambda: self._read_positioned(plan, args, sql, context),
             )
         return self._read(plan, args, sql, context)
 
@@ -143,6 +150,30 @@ class Database:
             results = run_or_translate(conn, statements, plan.name, plan.source,
                                        before=plan.name)
             return plan.shape.build(results[-1], conn.transformer, plan.name, plan.source)
+
+        return self._router.read(attempt)
+
+    def _read_positioned(
+        self, plan: Plan, args: tuple[Any, ...], sql: str, context: Context
+    ) -> tuple[Any, int]:
+        """`_read` for the cache: (value, position), the value reflecting every commit a
+        caller whose read-your-writes position is at most `position` made."""
+        statements = [context_statement(context, plan.query.timeout_ms), Statement(POSITION_SQL),
+                      Statement(sql, args)]
+
+        def attempt(conn: HcConnection) -> tuple[Any, int]:
+            results = run_or_translate(conn, statements, plan.name, plan.source,
+                                       before=plan.name)
+            value = plan.shape.build(results[-1], conn.transformer, plan.name, plan.source)
+            in_recovery, lsn = results[1].get_value(0, 0), results[1].get_value(0, 1)
+            if lsn is None:  # a standby that has replayed nothing yet
+                return value, 0
+            if in_recovery == b"\x01":  # binary bool: the replica replayed up to lsn
+                return value, consistency.parse_lsn(lsn.decode())
+            # Primary: a fill whose insert position (read before its query) is past the one a
+            # writer read after its COMMIT began after that COMMIT returned. The writer's
+            # position went through `commit_end`, so this one does too, then strictly below.
+            return value, consistency.commit_end(consistency.parse_lsn(lsn.decode())) - 1
 
         return self._router.read(attempt)
 
