@@ -19,6 +19,11 @@ With read replicas an invalidation leaves tombstones for the lag window (HCREPO_
 plus two health intervals): a fill in that window may come from a replica that has not
 replayed the commit yet, so it is returned but not stored.
 
+Who asks is part of the key: every policy input the database sees (`tenancy.POLICY_INPUTS`,
+the actor besides the clinic) is hashed into it, unless the query declares
+`@cached(independent_of=...)`; hcrepo refuses that declaration for SQL that reads the setting,
+and `hcrepo check` reports it for tables whose row-level security policies do.
+
 Read-your-writes: each entry records a WAL position its value is known to reflect (the
 replica's replay position, or just below the primary's insert position, read before the
 query). A caller whose reads must reflect a later position (its own commits, or a
@@ -59,7 +64,7 @@ from hcrepo.cache_keys import KeyMaker, Uncacheable, plan_id
 from hcrepo.cache_store import REDIS_ERRORS, RedisStore, new_token
 from hcrepo.config import Settings, cache_key_bytes
 from hcrepo.errors import ConfigError
-from hcrepo.tenancy import Context
+from hcrepo.tenancy import POLICY_INPUTS, Context
 
 if TYPE_CHECKING:
     from hcrepo.repository import Plan
@@ -98,6 +103,7 @@ class _Spec(NamedTuple):
 
     query: str
     plan_id: str
+    keyed: tuple[str, ...]  # the Context fields besides the clinic its entries are keyed by
     codec: ValueCodec
     ttl_ms: int
     soft_ms: int
@@ -202,7 +208,8 @@ class Cache:
             return self._bypass(spec, "redis_unavailable", load)[0]
         ns = self._keys.namespace(context.clinic_id, tenant_scoped=plan.tenant_scoped)
         try:
-            entry = self._keys.entry(ns, spec.plan_id, context.clinic_id, args)
+            entry = self._keys.entry(ns, spec.plan_id, context.clinic_id,
+                                     [getattr(context, name) for name in spec.keyed], args)
         except Uncacheable:
             return self._bypass(spec, "uncacheable_arguments", load)[0]
         generations: list[str] = []
@@ -544,10 +551,15 @@ class Cache:
             assert plan.cache is not None
             ttl = self._ttl_seconds(plan.cache.ttl, plan.name)
             codec = ValueCodec(annotation, self._cipher if plan.phi else None)
+            # The clinic is keyed by the namespace (and, outside it, by the value key).
+            keyed = tuple(name for name in POLICY_INPUTS
+                          if name != "clinic_id" and name not in plan.cache.independent_of)
             spec = _Spec(
                 query=plan.name,
-                plan_id=plan_id(plan.name, sql, [codec.schema, codec.encrypts, plan.cache.tags],
+                plan_id=plan_id(plan.name, sql,
+                                [codec.schema, codec.encrypts, plan.cache.tags, keyed],
                                 CODEC_VERSION),
+                keyed=keyed,
                 codec=codec,
                 ttl_ms=int(ttl * 1000),
                 soft_ms=int(ttl * 1000 * self._settings.cache_soft_ttl_ratio),

@@ -9,6 +9,7 @@ small function that binds the keyword arguments and hands a `Plan` to the runner
 from __future__ import annotations
 
 import inspect
+import re
 import string
 import sys
 import typing
@@ -39,10 +40,12 @@ PAGE_PARAM = "limit"
 
 
 class CacheSpec(NamedTuple):
-    """What `@cached` declared: a TTL (seconds or a preset name) and tag templates."""
+    """What `@cached` declared: a TTL (seconds or a preset name), tag templates, and the
+    policy inputs (`tenancy.POLICY_INPUTS`) its result does not depend on."""
 
     ttl: int | str
     tags: tuple[str, ...]
+    independent_of: tuple[str, ...] = ()
 
 
 class QuerySpec(NamedTuple):
@@ -165,12 +168,18 @@ def query(
 
 
 def cached(
-    *, ttl: int | str, tags: Sequence[str] = ()
+    *, ttl: int | str, tags: Sequence[str] = (), independent_of: Sequence[str] = ()
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Serve the method from Redis (see hcrepo.cache); only valid on read queries."""
+    """Serve the method from Redis (see hcrepo.cache); only valid on read queries.
+
+    Entries are keyed by every policy input (`tenancy.POLICY_INPUTS`: the clinic, the
+    actor, ...) the database sees; `independent_of=("actor_id",)` shares them among a
+    clinic's actors, for a query whose result row-level security does not shape by actor.
+    """
 
     def mark(fn: Callable[P, R]) -> Callable[P, R]:
-        fn.__hcrepo_cache__ = CacheSpec(ttl, tuple(tags))  # type: ignore[attr-defined]
+        spec = CacheSpec(ttl, tuple(tags), tuple(independent_of))
+        fn.__hcrepo_cache__ = spec  # type: ignore[attr-defined]
         return fn
 
     return mark
@@ -277,6 +286,8 @@ def _plan_for(
         raise fail("@cached on a query that writes", found)
     if spec.invalidates and not found.is_write:
         raise fail("invalidates= on a read query", found)
+    if cache is not None:
+        _check_independence(cache, found, lambda message: fail(message, found))
     for template in (*spec.invalidates, *(cache.tags if cache else ())):
         for name in _template_fields(template):
             if name not in found.params:
@@ -297,6 +308,23 @@ def _plan_for(
     }
     return Plan(query=found, method=method, shape=shape, spec=spec, cache=cache,
                 defaults=defaults, tenant_scoped=getattr(cls, "__tenant_scoped__", True))
+
+
+def _check_independence(
+    cache: CacheSpec, found: sqlfile.SqlQuery, fail: Callable[[str], SqlFileError]
+) -> None:
+    for name in cache.independent_of:
+        if name not in tenancy.POLICY_INPUTS or name == "clinic_id":
+            allowed = [n for n in tenancy.POLICY_INPUTS if n != "clinic_id"]
+            raise fail(f"independent_of names {name!r}; it may name only "
+                       f"{', '.join(map(repr, allowed))} (the clinic is always keyed)")
+        if reads_setting(found.sql, name):
+            raise fail(f"independent_of={name!r} but the SQL reads app.{name}")
+
+
+def reads_setting(text: str, name: str) -> bool:
+    """Whether SQL text (a statement, a policy expression) names the setting `app.<name>`."""
+    return re.search(rf"\bapp\.{re.escape(name)}\b", text, re.IGNORECASE) is not None
 
 
 def _template_fields(template: str) -> list[str]:

@@ -40,6 +40,11 @@ def _as_setting(value: UUID | None) -> str:
     return "" if value is None else str(value)
 
 
+# The Context fields every transaction sends to PostgreSQL as `app.<name>`: what row-level
+# security may read, so every cached result is keyed by each of them unless its query
+# declares it does not depend on one (`@cached(independent_of=...)`).
+POLICY_INPUTS = ("clinic_id", "actor_id")
+
 EMPTY = Context()
 _current: contextvars.ContextVar[Context] = contextvars.ContextVar("hcrepo_context", default=EMPTY)
 

@@ -28,3 +28,6 @@ WHERE p.id = :id
 -- name: cache_gated_count
 -- timeout: 30s
 SELECT count(*) FROM patients, LATERAL (SELECT pg_advisory_xact_lock_shared(:gate)) AS g
+
+-- name: cache_actor_setting
+SELECT current_setting('app.actor_id', true)
