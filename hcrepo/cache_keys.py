@@ -149,10 +149,13 @@ def _encode(value: Any, feed: Feed) -> None:
     raise Uncacheable(f"no canonical cache encoding for {type(value).__name__} arguments")
 
 
-def _sequence(value: Sequence[Any], feed: Feed) -> None:
-    feed(b"[" + len(value).to_bytes(4, "big"))
-    for item in value:
-        _encode(item, feed)
+def _sequence(tag: bytes) -> Callable[[Sequence[Any], Feed], None]:
+    def encode(value: Sequence[Any], feed: Feed) -> None:
+        feed(tag + len(value).to_bytes(4, "big"))
+        for item in value:
+            _encode(item, feed)
+
+    return encode
 
 
 _ENCODERS: dict[type, Callable[[Any, Feed], None]] = {
@@ -170,6 +173,7 @@ _ENCODERS: dict[type, Callable[[Any, Feed], None]] = {
     datetime.timedelta: lambda v, feed: _text(
         b"r", f"{v.days},{v.seconds},{v.microseconds}", feed
     ),
-    list: _sequence,
-    tuple: _sequence,
+    # psycopg sends a list as an array and a tuple as a record: different statements.
+    list: _sequence(b"["),
+    tuple: _sequence(b"("),
 }

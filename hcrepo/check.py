@@ -36,7 +36,7 @@ from hcrepo import sqlfile
 from hcrepo.config import Settings
 from hcrepo.errors import ConfigError
 from hcrepo.migrate import connect
-from hcrepo.repository import Plan, Repository, reads_setting
+from hcrepo.repository import Plan, Repository, reads_setting, type_name
 from hcrepo.results import Many, OneOrNone, Stream
 
 Severity = Literal["error", "warning"]
@@ -252,7 +252,7 @@ class _Checker:
         self._types[oid] = found
         return found
 
-    def __describe_type(self, oid: int) -> str:
+    def _type_name(self, oid: int) -> str:
         row = self.conn.execute("SELECT format_type(%s, NULL)", [oid]).fetchone()
         return str(row[0]) if row else str(oid)
 
@@ -296,11 +296,11 @@ class _Checker:
         actual = self._python_type(column.type_oid)
         if actual is None:
             report("warning", f"column {column.name}: cannot compare type "
-                              f"{self.__describe_type(column.type_oid)} with {label}")
+                              f"{self._type_name(column.type_oid)} with {label}")
         elif not _compatible(annotation, actual):
-            report("error", f"column {column.name} is {self.__describe_type(column.type_oid)} "
-                            f"({_describe_type(actual)}) but {label} is "
-                            f"{_describe_type(annotation)}")
+            report("error", f"column {column.name} is {self._type_name(column.type_oid)} "
+                            f"({type_name(actual)}) but {label} is "
+                            f"{type_name(annotation)}")
 
     def _require_not_null(self, column: _Column, label: str, report: _Report) -> None:
         if not column.table_oid:
@@ -324,9 +324,9 @@ class _Checker:
             annotation = hints.get(name)
             if actual is None or annotation is None or _compatible(annotation, actual):
                 continue
-            report("warning", f"parameter :{name} is {self.__describe_type(oid)} "
-                              f"({_describe_type(actual)}) but the signature says "
-                              f"{_describe_type(annotation)}")
+            report("warning", f"parameter :{name} is {self._type_name(oid)} "
+                              f"({type_name(actual)}) but the signature says "
+                              f"{type_name(annotation)}")
 
     # -- tables: row-level security and privileges -----------------------------------------
 
@@ -457,9 +457,3 @@ def _compatible(annotation: Any, actual: Any) -> bool:
     return isinstance(actual, type) and issubclass(actual, annotation) and not (
         actual is bool and annotation is int
     )
-
-
-def _describe_type(annotation: Any) -> str:
-    if isinstance(annotation, type) and not typing.get_args(annotation):
-        return annotation.__name__
-    return str(annotation).replace("typing.", "").replace("datetime.", "").replace("uuid.", "")

@@ -1,4 +1,5 @@
-"""Cache keys against real Redis and PostgreSQL: who asks is part of the key."""
+"""Cache keys against real Redis and PostgreSQL: who asks is part of the key, and every
+spelling of an argument reaches the same entry and the same tags."""
 
 from __future__ import annotations
 
@@ -47,3 +48,23 @@ def test_queries_independent_of_the_actor_share_entries_among_a_clinics_staff(
     assert keyed["misses"] == 3 and keyed["hits"] == 0
     assert shared["misses"] == 1 and shared["hits"] == 2  # shipped: independent_of actor_id
 
+
+def test_a_write_spelling_the_id_otherwise_still_invalidates_the_read(
+    cached_db: CachedDatabase, migrated_db: ServerDatabase
+) -> None:
+    clinic = new_clinic(migrated_db.superuser_url)
+    patient = clinic.patient_ids[0]
+    db = cached_db()
+    repo = CacheRepo(db)
+    counts = Counts("cache_patient")
+    with db.context(clinic_id=clinic.id, actor_id=clinic.actor_id):
+        before = repo.patient(id=patient)
+        assert before is not None and before.phone is None
+        assert repo.patient(id=f"{{{str(patient).upper()}}}") == before  # type: ignore[arg-type]
+        assert counts["misses"] == 1 and counts["hits"] == 1  # one entry, however spelled
+        spellings = [str(patient).upper(), f"{{{patient}}}", str(patient), patient.hex]
+        for number, spelling in enumerate(spellings):
+            phone = f"+1 555 01{number:02d}"
+            repo.set_phone_only(id=spelling, phone=phone)  # type: ignore[arg-type]
+            after = repo.patient(id=patient)
+            assert after is not None and after.phone == phone

@@ -31,3 +31,6 @@ SELECT count(*) FROM patients, LATERAL (SELECT pg_advisory_xact_lock_shared(:gat
 
 -- name: cache_actor_setting
 SELECT current_setting('app.actor_id', true)
+
+-- name: cache_set_birth_date
+UPDATE patients SET date_of_birth = :day WHERE id = :id
