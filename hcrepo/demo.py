@@ -107,6 +107,7 @@ def _walk_through(db: Database, out: TextIO, replica: PostgresServer, app_url: s
                       f"{'sees the new phone' if seen else 'STALE'} (cache invalidated at "
                       "commit, read routed past the lagging replica)\n")
         out.write(f"token for a queued job: {db.last_write_token()}\n")
+    with db.context(clinic_id=north, actor_id=ACTOR):  # the next request: no write of its own
         other = patients.search(mrn="N-0002")[0]
         hits = _cache_hits("get_patient")
         for _ in range(3):

@@ -99,7 +99,7 @@ class UnitOfWork:
         self._begin = begin_statement(isolation, read_only)
         self._on_commit = on_commit
         self._hooks: list[Callable[[], None]] = []
-        self._tags: list[tuple[Plan, tuple[Any, ...]]] = []
+        self._tags: list[str] = []
         self._streams: list[Generator[Any, None, None]] = []
         self._conn: HcConnection | None = None
         self._checkout: Any = None
@@ -205,8 +205,9 @@ class UnitOfWork:
         conn = self._connection
         if plan.is_write:
             self.wrote = True
-            if plan.invalidates:
-                self._tags.append((plan, args))
+            # Formatted before the statement is sent: a tag that cannot be made fails now,
+            # not after COMMIT, when the cache could no longer be invalidated.
+            self._tags.extend(plan.invalidation_tags(args))
         if plan.shape.streams:
             if not self._begun:
                 # BEGIN must reach the server now: a statement run before the stream is
@@ -225,8 +226,8 @@ class UnitOfWork:
         return plan.shape.build(results[-2], conn.transformer, plan.name, plan.source)
 
     @property
-    def invalidations(self) -> list[tuple[Plan, tuple[Any, ...]]]:
-        """Write plans (with arguments) whose `invalidates=` tags are due after commit."""
+    def invalidations(self) -> list[str]:
+        """The `invalidates=` tags of this unit's writes, due after commit."""
         return list(self._tags)
 
     @contextmanager
