@@ -24,13 +24,13 @@ from uuid import UUID
 import psycopg
 
 from hcrepo import Database, ExclusionViolation, Settings, TenantContextMissing, metrics, migrate
-from hcrepo.embedded import PostgresServer, RedisServer, wait_for_replay
 from hcrepo.healthcare import (
     AppointmentRepository,
     ClinicRepository,
     PatientRepository,
     ProviderRepository,
 )
+from hcrepo.testing import PostgresServer, RedisServer, wait_for_replay
 
 Sex = Literal["female", "male", "other", "unknown"]
 # Obviously fake people: (MRN, first name, last name, date of birth, sex).

@@ -16,7 +16,7 @@ from loguru import logger
 import hcrepo.cache
 from hcrepo import metrics
 from hcrepo.breaker import BreakerState, CircuitBreaker
-from hcrepo.embedded import RedisServer
+from hcrepo.testing import RedisServer
 from tests.cache_support import CachedDatabase, CacheRepo, Counts, metric, until, value_keys
 from tests.plugins.database import Database as ServerDatabase
 from tests.plugins.servers import RedisFactory

@@ -15,7 +15,7 @@ import redis.cluster
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from hcrepo.embedded import (
+from hcrepo.testing import (
     MIN_PG_MAJOR,
     PG_BINARIES,
     SERVICE_USER,

@@ -23,7 +23,7 @@ import pytest
 from psycopg import sql
 
 from hcrepo import migrate
-from hcrepo.embedded import PostgresServer
+from hcrepo.testing import PostgresServer
 
 OWNER_PASSWORD = "hcrepo-owner-test"
 APP_PASSWORD = "hcrepo-app-test"

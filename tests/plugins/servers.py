@@ -1,4 +1,4 @@
-"""Fixtures for the throw-away servers of hcrepo.embedded.
+"""Fixtures for the throw-away servers of hcrepo.testing.
 
 Session-scoped so the whole suite shares one primary, its replicas, one Redis and one
 Redis Cluster; each is started only when a test first asks for it and torn down at the
@@ -13,7 +13,7 @@ from typing import Protocol
 
 import pytest
 
-from hcrepo.embedded import (
+from hcrepo.testing import (
     PostgresServer,
     RedisCluster,
     RedisServer,
