@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import signal
+import socket
 import subprocess
+import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -29,6 +34,15 @@ from hcrepo.testing import (
 from tests.plugins.servers import RedisFactory, WaitReplayed
 
 DEFAULT_PORTS = {5432, 6379}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT)},
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )
 
 
 def _scalar(url: str, sql: str) -> object:
@@ -246,3 +260,60 @@ def test_redis_cluster_is_ok_and_spreads_keys_over_its_nodes(
             client.set(key, str(port))
         for port, key in keys_by_port.items():
             assert client.get(key) == str(port).encode()
+
+
+def test_without_the_testing_extra_the_package_names_the_install_command() -> None:
+    result = _python(
+        "import sys\n"
+        "sys.modules['pytest_postgresql'] = None  # the testing extra is not installed\n"
+        "try:\n"
+        "    import hcrepo.testing\n"
+        "except ImportError as exc:\n"
+        "    print(exc.name, exc, sep='\\n')\n"
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == (
+        "hcrepo.testing\n"
+        "hcrepo.testing needs the testing extra: pip install 'hcrepo[testing]'\n"
+    )
+
+
+def test_the_exit_hook_is_registered_by_the_first_server_not_by_the_import() -> None:
+    result = _python(
+        "import atexit\n"
+        # What the package imports anyway, so that only its own registrations are counted.
+        "import psycopg, pytest_postgresql, redis, redis.backoff, redis.retry, hcrepo\n"
+        "before = atexit._ncallbacks()\n"
+        "import hcrepo.testing\n"
+        "imported = atexit._ncallbacks() - before\n"
+        "hcrepo.testing.RedisServer().close()\n"
+        "first = atexit._ncallbacks() - before\n"
+        "hcrepo.testing.RedisServer().close()\n"
+        "print(imported, first, atexit._ncallbacks() - before)\n"
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == "0 1 1\n"
+
+
+def test_a_server_nobody_closed_is_closed_at_interpreter_exit() -> None:
+    scratch = Path(tempfile.mkdtemp(prefix="hcrepo-leftover-test-"))
+    scratch.chmod(0o755)  # reachable by the service user
+    try:
+        result = _python(
+            "import sys\n"
+            "from pathlib import Path\n"
+            "from hcrepo.testing import RedisServer\n"
+            "server = RedisServer(base_dir=Path(sys.argv[1])).start()\n"
+            "print(server.port, server.client().info('server')['process_id'])\n",
+            str(scratch),
+        )
+        assert (result.returncode, result.stderr) == (0, "")
+        port, pid = map(int, result.stdout.split())
+        with socket.socket() as sock:
+            listening = sock.connect_ex(("127.0.0.1", port)) == 0
+        if listening:  # the hook failed: do not leave its server behind
+            os.kill(pid, signal.SIGKILL)
+        assert not listening
+        assert list(scratch.iterdir()) == []
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
