@@ -317,3 +317,59 @@ def test_a_server_nobody_closed_is_closed_at_interpreter_exit() -> None:
         assert list(scratch.iterdir()) == []
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+_APPLICATION_TESTS = '''
+import psycopg
+
+made = []
+
+
+def scalar(url, query, params=()):
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(query, params).fetchone()[0]
+
+
+def test_a_primary_its_replica_and_redis(
+    hcrepo_postgres, hcrepo_replica, hcrepo_wait_replayed, hcrepo_redis
+):
+    with psycopg.connect(hcrepo_postgres.superuser_url, autocommit=True) as conn:
+        conn.execute("create table written (x int)")
+        conn.execute("insert into written values (7)")
+    hcrepo_wait_replayed(hcrepo_replica)
+    assert scalar(hcrepo_replica.superuser_url, "select x from written") == 7
+    assert scalar(hcrepo_replica.superuser_url, "select pg_is_in_recovery()") is True
+    with hcrepo_redis.client() as client:
+        assert client.ping()
+
+
+def test_a_database_of_its_own_handed_to_the_owner_role(hcrepo_database):
+    made.append(hcrepo_database.dbname)
+    hcrepo_database.bootstrap(owner_password="app-owner")
+    owner = scalar(
+        hcrepo_database.superuser_url,
+        "select pg_get_userbyid(datdba) from pg_database where datname = current_database()",
+    )
+    assert owner == "hcrepo_owner"
+
+
+def test_the_database_is_dropped_after_its_test(hcrepo_postgres):
+    assert len(made) == 1
+    query = "select count(*) from pg_database where datname = %s"
+    assert scalar(hcrepo_postgres.superuser_url, query, made) == 0
+'''
+
+
+def test_an_application_suite_gets_servers_and_databases_from_the_plugin(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "conftest.py").write_text('pytest_plugins = ["hcrepo.testing.plugin"]\n')
+    (tmp_path / "test_application.py").write_text(_APPLICATION_TESTS)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
+         str(tmp_path)],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT)},
+        cwd=tmp_path, capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "3 passed" in result.stdout
