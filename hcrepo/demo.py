@@ -18,13 +18,12 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, date, datetime, timedelta
-from typing import Literal, TextIO
+from typing import TYPE_CHECKING, Literal, TextIO
 from uuid import UUID
 
 import psycopg
 
 from hcrepo import Database, ExclusionViolation, Settings, TenantContextMissing, migrate
-from hcrepo.embedded import PostgresServer, RedisServer, wait_for_replay
 from hcrepo.healthcare import (
     AppointmentRepository,
     ClinicRepository,
@@ -32,6 +31,9 @@ from hcrepo.healthcare import (
     ProviderRepository,
 )
 from hcrepo.ops import metrics
+
+if TYPE_CHECKING:
+    from hcrepo.testing import PostgresServer
 
 Sex = Literal["female", "male", "other", "unknown"]
 # Obviously fake people: (MRN, first name, last name, date of birth, sex).
@@ -47,9 +49,19 @@ CLINICS: dict[str, Sequence[tuple[str, str, str, str, Sex]]] = {
     ],
 }
 ACTOR = uuid.UUID("00000000-0000-4000-8000-00000000d3e0")  # the demo's staff member
+MISSING_EXTRA = "the demo needs the testing extra: pip install 'hcrepo[testing]'"
 
 
 def run(out: TextIO = sys.stdout) -> int:
+    # Imported here, not at the top: `hcrepo migrate` in production must not load the
+    # throw-away servers, and they need an extra production does not install.
+    try:
+        from hcrepo.testing import PostgresServer, RedisServer, wait_for_replay
+    except ImportError as exc:
+        if exc.name != "hcrepo.testing":
+            raise
+        print(f"hcrepo: {MISSING_EXTRA}", file=sys.stderr)
+        return 2
     with ExitStack() as servers:
         primary = servers.enter_context(PostgresServer())
         out.write(f"throw-away PostgreSQL on {primary.host}:{primary.port}\n")

@@ -12,7 +12,7 @@ from redis.crc import key_slot
 
 from hcrepo.cache_keys import KeyMaker
 from hcrepo.cache_store import CLUSTER_SCHEME
-from hcrepo.embedded import RedisCluster as EmbeddedCluster
+from hcrepo.testing import RedisCluster as EmbeddedCluster
 from tests.cache_support import CachedDatabase, CacheRepo, keys_of
 from tests.plugins.database import Database as ServerDatabase
 from tests.repos import Clinic, new_clinic

@@ -14,8 +14,8 @@ from typing import TypeVar
 import pytest
 
 from hcrepo import Database
-from hcrepo.embedded import PostgresServer
 from hcrepo.repository import Runner
+from hcrepo.testing import PostgresServer
 from tests.cache_support import CachedDatabase, CacheRepo, CacheRepoUntagged, Counts, Gate, until
 from tests.plugins.database import Database as ServerDatabase
 from tests.plugins.servers import WaitReplayed

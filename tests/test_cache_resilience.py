@@ -14,9 +14,9 @@ import pytest
 from loguru import logger
 
 import hcrepo.cache
-from hcrepo.embedded import RedisServer
 from hcrepo.ops import metrics
 from hcrepo.ops.breaker import BreakerState, CircuitBreaker
+from hcrepo.testing import RedisServer
 from tests.cache_support import CachedDatabase, CacheRepo, Counts, metric, until, value_keys
 from tests.plugins.database import Database as ServerDatabase
 from tests.plugins.servers import RedisFactory

@@ -27,7 +27,6 @@ from hcrepo import (
     TenantContextMissing,
     UniqueViolation,
 )
-from hcrepo.embedded import RedisServer
 from hcrepo.healthcare import (
     AppointmentRepository,
     ClinicRepository,
@@ -40,6 +39,7 @@ from hcrepo.healthcare import (
     UserRepository,
 )
 from hcrepo.repository import Repository
+from hcrepo.testing import RedisServer
 from tests.plugins.database import Database as ServerDatabase
 from tests.plugins.database import Seed
 

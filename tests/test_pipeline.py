@@ -13,7 +13,7 @@ from tests.plugins.database import Database
 
 
 def _connect(url: str) -> HcConnection:
-    # As the pools make them (hcrepo/node.py): autocommit, psycopg's own prepares off.
+    # As the pools make them (hcrepo/routing/node.py): autocommit, psycopg's own prepares off.
     return HcConnection.connect(url, autocommit=True, prepare_threshold=None)
 
 
