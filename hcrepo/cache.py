@@ -66,7 +66,7 @@ from hcrepo.ops.breaker import CircuitBreaker
 from hcrepo.tenancy import POLICY_INPUTS, Context
 
 if TYPE_CHECKING:
-    from hcrepo.repository import Plan
+    from hcrepo.plan import Plan
 
 # Past this many queued tag invalidations, whole namespaces (clinics) are queued instead.
 _MAX_PENDING = 10_000

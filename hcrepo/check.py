@@ -36,7 +36,8 @@ from hcrepo import sqlfile
 from hcrepo.config import Settings
 from hcrepo.errors import ConfigError
 from hcrepo.migrate import connect
-from hcrepo.repository import Plan, Repository, reads_setting, type_name
+from hcrepo.plan import Plan, type_name
+from hcrepo.repository import Repository, reads_setting
 from hcrepo.results import Many, OneOrNone, Stream
 
 Severity = Literal["error", "warning"]

@@ -40,7 +40,7 @@ from hcrepo.tenancy import Context
 from hcrepo.unit_of_work import UnitOfWork, begin_statement
 
 if TYPE_CHECKING:
-    from hcrepo.repository import Plan
+    from hcrepo.plan import Plan
 
 R = TypeVar("R")
 

@@ -16,7 +16,7 @@ from hcrepo.pipeline import HcConnection, PipelineError, Statement
 from hcrepo.tenancy import Context
 
 if TYPE_CHECKING:
-    from hcrepo.repository import Plan
+    from hcrepo.plan import Plan
 
 _SET_CONTEXT = (
     "SELECT set_config('app.clinic_id', $1, true), set_config('app.actor_id', $2, true)"

@@ -15,7 +15,7 @@ from prometheus_client.metrics import Histogram
 from hcrepo.ops import metrics
 
 if TYPE_CHECKING:
-    from hcrepo.repository import Plan
+    from hcrepo.plan import Plan
 
 
 class Observer:

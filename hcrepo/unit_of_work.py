@@ -44,7 +44,7 @@ from hcrepo.pipeline import HcConnection, PipelineError, Statement
 from hcrepo.tenancy import Context
 
 if TYPE_CHECKING:
-    from hcrepo.repository import Plan
+    from hcrepo.plan import Plan
     from hcrepo.routing.node import Node
 
 ISOLATION_LEVELS = {
