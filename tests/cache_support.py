@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from redis.cluster import RedisCluster
 
 from hcrepo import Database, Repository, cached, query
-from hcrepo.cache_store import CLUSTER_SCHEME
+from hcrepo.cache.store import CLUSTER_SCHEME
 from hcrepo.ops import metrics
 from tests.plugins.database import Database as ServerDatabase
 

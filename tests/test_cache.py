@@ -15,7 +15,7 @@ from loguru import logger
 from redis.cluster import RedisCluster
 
 from hcrepo import ConfigError, Repository, Settings, query
-from hcrepo.cache_codec import CODEC_VERSION
+from hcrepo.cache.codec import CODEC_VERSION
 from tests.cache_support import (
     ENCRYPTION_KEY,
     FAKE_PHI,

@@ -10,8 +10,8 @@ import pytest
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
-from hcrepo.cache_keys import KeyMaker
-from hcrepo.cache_store import CLUSTER_SCHEME
+from hcrepo.cache.keys import KeyMaker
+from hcrepo.cache.store import CLUSTER_SCHEME
 from hcrepo.testing import RedisCluster as EmbeddedCluster
 from tests.cache_support import CachedDatabase, CacheRepo, keys_of
 from tests.plugins.database import Database as ServerDatabase

@@ -16,7 +16,7 @@ from uuid import UUID
 import pytest
 
 from hcrepo import Repository, SqlFileError, cached, execution, query
-from hcrepo.cache_keys import KeyMaker
+from hcrepo.cache.keys import KeyMaker
 from hcrepo.tenancy import POLICY_INPUTS, Context
 
 CACHE_SQL = Path(__file__).parent / "sql" / "cache.sql"

@@ -25,7 +25,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from hcrepo import Database, Settings, bind_context
-from hcrepo.cache_codec import read_header, rewrite_soft_expiry
+from hcrepo.cache.codec import read_header, rewrite_soft_expiry
 from hcrepo.testing import PostgresServer, RedisServer
 from tests.cache_support import (
     ENCRYPTION_KEY,

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 from loguru import logger
 
-import hcrepo.cache
+import hcrepo.cache.invalidation
 from hcrepo.ops import metrics
 from hcrepo.ops.breaker import BreakerState, CircuitBreaker
 from hcrepo.testing import RedisServer
@@ -188,7 +188,7 @@ def test_too_many_queued_invalidations_collapse_into_whole_namespaces(
     cached_db: CachedDatabase, redis: RedisServer, own_clinic: Clinic,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(hcrepo.cache, "_MAX_PENDING", 3)
+    monkeypatch.setattr(hcrepo.cache.invalidation, "MAX_PENDING", 3)
     db = cached_db(redis_url=redis.url, **FAST_FAILING)
     first, second, untouched = own_clinic.patient_ids
     pending_before = pending()

@@ -22,9 +22,8 @@ from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
-from hcrepo.cache_codec import TOKEN_SIZE
-
 CLUSTER_SCHEME = "redis+cluster://"
+TOKEN_SIZE = 8  # bytes of a generation token, a lock token, an entry's copy of its tokens
 REDIS_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException)
 
 # KEYS: lock, generations...   ARGV: lock token, lock ms, value ms, token size, fresh tokens...

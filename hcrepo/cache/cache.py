@@ -1,7 +1,7 @@
 """Redis cache for repository reads: tenant-safe, invalidated after commit, never in the way.
 
 A read (`fetch`) costs one MGET: the value and the generation tokens of its tags (see
-hcrepo.cache_store). A valid value before its soft TTL is a hit; past it, the stale
+hcrepo.cache.store). A valid value before its soft TTL is a hit; past it, the stale
 value is served while exactly one caller, cluster-wide, refreshes it in the background
 (XFetch may start that refresh a little early). A miss fills under a Redis lock: threads of
 one process share one flight, other processes wait a bounded time for the lock holder's
@@ -49,16 +49,16 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from loguru import logger
 from prometheus_client import Counter
 
-from hcrepo.cache_codec import (
+from hcrepo.cache.codec import (
     CODEC_VERSION,
-    TOKEN_SIZE,
     Unreadable,
     ValueCodec,
     read_header,
     value_type,
 )
-from hcrepo.cache_keys import KeyMaker, Uncacheable, plan_id
-from hcrepo.cache_store import REDIS_ERRORS, RedisStore, new_token
+from hcrepo.cache.invalidation import Groups, Invalidations
+from hcrepo.cache.keys import KeyMaker, Uncacheable, plan_id
+from hcrepo.cache.store import REDIS_ERRORS, TOKEN_SIZE, RedisStore, new_token
 from hcrepo.config import Settings, cache_key_bytes
 from hcrepo.errors import ConfigError
 from hcrepo.ops import metrics
@@ -68,10 +68,7 @@ from hcrepo.tenancy import POLICY_INPUTS, Context
 if TYPE_CHECKING:
     from hcrepo.plan import Plan
 
-# Past this many queued tag invalidations, whole namespaces (clinics) are queued instead.
-_MAX_PENDING = 10_000
 _POLL_FIRST, _POLL_MAX = 0.002, 0.05
-_RETRY_FIRST, _RETRY_MAX = 0.05, 2.0
 _TOMBSTONE = b"L"  # + a fresh token: never TOKEN_SIZE long, so it matches no entry
 
 
@@ -167,6 +164,8 @@ class Cache:
         self._warned: set[str] = set()
         self._outage = False
         self._closed = threading.Event()
+        self._invalidations = Invalidations(self._send_invalidations, self._redis_ok,
+                                            self._closed)
         self._reset_process_state()
         _caches.add(self)
 
@@ -175,11 +174,8 @@ class Cache:
         self._mutex = threading.Lock()
         self._flights: dict[str, _Flight] = {}
         self._refreshing: set[str] = set()
-        # Generation keys to retire, by namespace (its tags prefix); None = all of them.
-        self._pending: dict[str, set[str] | None] = {}
-        self._pending_count = 0
-        self._retrier: threading.Thread | None = None
         self._refresher: ThreadPoolExecutor | None = None
+        self._invalidations.reset()
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -201,7 +197,7 @@ class Cache:
         if not isinstance(spec, _Spec):
             spec.inc()  # the query's "not cached" counter
             return load()[0]
-        if self._pending:
+        if self._invalidations.pending:
             return self._bypass(spec, "invalidation_pending", load)[0]
         if not self._breaker.allow():
             return self._bypass(spec, "redis_unavailable", load)[0]
@@ -296,14 +292,10 @@ class Cache:
         while True:
             try:
                 if not lock_held:
-                    lock_token = new_token()
-                    taken, tokens = self._store.begin(
-                        call.lock, call.generations, lock_token, self._lock_ms, spec.ttl_ms
-                    )
-                    if any(len(token) != TOKEN_SIZE for token in tokens):
-                        if taken:
-                            self._store.release(call.lock, lock_token)
+                    begun = self._begin(call)
+                    if begun is None:
                         return self._bypass(spec, "replica_lag_window", call.load)
+                    taken, tokens, lock_token = begun
                     if taken:
                         break
                 if not deadline:
@@ -319,6 +311,20 @@ class Cache:
                 return self._bypass(spec, "lock_wait_timeout", call.load)
         spec.counters.misses.inc()
         return self._load_and_store(call, tokens, lock_token)
+
+    def _begin(self, call: _Call) -> tuple[bool, list[bytes], bytes] | None:
+        """Try the key's fill lock: (taken, the generations' tokens, lock token), or None
+        while a tag is in its replica-lag window (a tombstone, not a token), when nothing
+        read now may be stored; a lock taken then is released at once."""
+        lock_token = new_token()
+        taken, tokens = self._store.begin(
+            call.lock, call.generations, lock_token, self._lock_ms, call.spec.ttl_ms
+        )
+        if any(len(token) != TOKEN_SIZE for token in tokens):
+            if taken:
+                self._store.release(call.lock, lock_token)
+            return None
+        return taken, tokens, lock_token
 
     def _await_fill(self, call: _Call, deadline: float) -> tuple[Any, bool]:
         """Poll until the lock holder's value lands ((value, position), _) or the lock is free
@@ -372,20 +378,15 @@ class Cache:
                 return
             self._refreshing.add(call.key)
         try:
-            lock_token = new_token()
-            taken, tokens = self._store.begin(
-                call.lock, call.generations, lock_token, self._lock_ms, call.spec.ttl_ms
-            )
-            if taken and any(len(token) != TOKEN_SIZE for token in tokens):
-                self._store.release(call.lock, lock_token)
-                taken = False
+            begun = self._begin(call)
         except REDIS_ERRORS as exc:
             self._redis_failed(call.spec.query, exc)
-            taken = False
-        if not taken:
+            begun = None
+        if begun is None or not begun[0]:
             with self._mutex:
                 self._refreshing.discard(call.key)
             return
+        _, tokens, lock_token = begun
         with self._mutex:
             if self._refresher is None:
                 self._refresher = ThreadPoolExecutor(
@@ -419,24 +420,23 @@ class Cache:
         """Called after COMMIT succeeded, never after a rollback. Never raises."""
         if not tags:
             return
-        groups: dict[str, set[str] | None] = {}
+        groups: Groups = {}
         for ns in self._keys.namespaces_for_invalidation(context.clinic_id):
             groups[ns.tags] = {self._keys.tag_key(ns, tag) for tag in tags}
         with self._mutex:
             # A miss already in flight read before this commit: later callers must not join it.
             for flight in self._flights.values():
                 flight.superseded = True
-            queued = bool(self._pending)
-        if not queued and self._breaker.allow():
+        if not self._invalidations.pending and self._breaker.allow():
             try:
                 self._send_invalidations(groups)
                 self._redis_ok()
                 return
             except REDIS_ERRORS as exc:
                 self._redis_failed(None, exc)
-        self._queue(groups)
+        self._invalidations.queue(groups)
 
-    def _send_invalidations(self, groups: dict[str, set[str] | None]) -> None:
+    def _send_invalidations(self, groups: Groups) -> None:
         tombstone = _TOMBSTONE + new_token() if self._tombstone_ms else None
         listed = [sorted(keys) for keys in groups.values() if keys is not None]
         if listed:
@@ -444,67 +444,6 @@ class Cache:
         for tags_prefix, keys in groups.items():
             if keys is None:
                 self._store.invalidate_namespace(tags_prefix, tombstone, self._tombstone_ms)
-
-    def _queue(self, groups: dict[str, set[str] | None]) -> None:
-        metrics.CACHE_INVALIDATION_FAILURES.inc()
-        with self._mutex:
-            first = not self._pending
-            for tags_prefix, keys in groups.items():
-                if tags_prefix not in self._pending:
-                    self._pending[tags_prefix] = set()
-                held = self._pending[tags_prefix]
-                if held is not None and keys is not None:
-                    held.update(keys)
-            if self._count_pending() > _MAX_PENDING:
-                # Bounded memory: retire every generation of the namespaces concerned.
-                self._pending = dict.fromkeys(self._pending)
-            self._update_pending_gauge()
-            if self._retrier is None:
-                self._retrier = threading.Thread(
-                    target=self._retry_pending, name="hcrepo-cache-invalidate", daemon=True
-                )
-                self._retrier.start()
-        if first:
-            logger.warning("cache invalidation could not reach Redis; retrying in the "
-                           "background, this process reads past the cache until it lands")
-
-    def _retry_pending(self) -> None:
-        delay = _RETRY_FIRST
-        while True:
-            with self._mutex:
-                batch = {prefix: None if keys is None else set(keys)
-                         for prefix, keys in self._pending.items()}
-                if not batch or self._closed.is_set():
-                    self._retrier = None
-                    return
-            if self._closed.wait(delay):
-                continue
-            try:
-                self._send_invalidations(batch)
-            except REDIS_ERRORS:
-                delay = min(delay * 2, _RETRY_MAX)
-                continue
-            delay = _RETRY_FIRST
-            with self._mutex:
-                for prefix, sent in batch.items():
-                    held = self._pending.get(prefix)
-                    if held is not None and sent is not None and held - sent:
-                        self._pending[prefix] = held - sent  # queued while this batch ran
-                    elif held is not None or sent is None:
-                        self._pending.pop(prefix, None)
-                self._update_pending_gauge()
-                done = not self._pending
-            self._redis_ok()
-            if done:
-                logger.info("queued cache invalidations delivered; caching resumes")
-
-    def _count_pending(self) -> int:
-        return sum(1 if keys is None else len(keys) for keys in self._pending.values())
-
-    def _update_pending_gauge(self) -> None:
-        count = self._count_pending()
-        metrics.CACHE_PENDING_INVALIDATIONS.inc(count - self._pending_count)
-        self._pending_count = count
 
     # -- health ----------------------------------------------------------------------------
 
@@ -593,21 +532,10 @@ class Cache:
     def close(self) -> None:
         """Deliver queued invalidations if Redis answers, then release Redis connections."""
         self._closed.set()
-        retrier, refresher = self._retrier, self._refresher
-        if retrier is not None:
-            retrier.join(timeout=5)
+        refresher = self._refresher
+        self._invalidations.close()
         if refresher is not None:
             refresher.shutdown(wait=True, cancel_futures=True)
-        with self._mutex:
-            batch, self._pending = self._pending, {}
-            self._update_pending_gauge()
-        if batch:
-            try:
-                self._send_invalidations(batch)
-            except REDIS_ERRORS:
-                logger.warning("{} queued cache invalidations could not be delivered before "
-                               "close; the values they cover expire with their TTL",
-                               len(batch))
         self._store.close()
 
 

@@ -28,10 +28,10 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
+from hcrepo.cache.store import TOKEN_SIZE
 from hcrepo.results import Many, One, OneOrNone, Shape
 
 CODEC_VERSION = 2
-TOKEN_SIZE = 8
 ENCRYPTED = 1
 COMPRESSED = 2
 _HEAD = struct.Struct(">BBQIQB8s")
