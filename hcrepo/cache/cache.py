@@ -47,23 +47,19 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from loguru import logger
-from prometheus_client import Counter
 
 from hcrepo.cache.codec import (
-    CODEC_VERSION,
     Unreadable,
-    ValueCodec,
     read_header,
-    value_type,
 )
 from hcrepo.cache.invalidation import Groups, Invalidations
-from hcrepo.cache.keys import KeyMaker, Uncacheable, plan_id
+from hcrepo.cache.keys import KeyMaker, Uncacheable
+from hcrepo.cache.spec import Spec, Specs
 from hcrepo.cache.store import REDIS_ERRORS, TOKEN_SIZE, RedisStore, new_token
 from hcrepo.config import Settings, cache_key_bytes
-from hcrepo.errors import ConfigError
 from hcrepo.ops import metrics
 from hcrepo.ops.breaker import CircuitBreaker
-from hcrepo.tenancy import POLICY_INPUTS, Context
+from hcrepo.tenancy import Context
 
 if TYPE_CHECKING:
     from hcrepo.plan import Plan
@@ -72,47 +68,13 @@ _POLL_FIRST, _POLL_MAX = 0.002, 0.05
 _TOMBSTONE = b"L"  # + a fresh token: never TOKEN_SIZE long, so it matches no entry
 
 
-class _Counters(NamedTuple):
-    """A query's metric children, bound once (label lookup is the slow part)."""
-
-    hits: Counter
-    misses: Counter
-    stale: Counter
-    refreshes: Counter
-    bytes_read: Counter
-    bytes_written: Counter
-
-    @classmethod
-    def bind(cls, query: str) -> _Counters:
-        return cls(
-            metrics.CACHE_HITS.labels(query=query),
-            metrics.CACHE_MISSES.labels(query=query),
-            metrics.CACHE_STALE.labels(query=query),
-            metrics.CACHE_REFRESHES.labels(query=query),
-            metrics.CACHE_BYTES.labels(query=query, direction="read"),
-            metrics.CACHE_BYTES.labels(query=query, direction="written"),
-        )
-
-
-class _Spec(NamedTuple):
-    """What one (plan, SQL text) needs at every call, worked out on its first call."""
-
-    query: str
-    plan_id: str
-    keyed: tuple[str, ...]  # the Context fields besides the clinic its entries are keyed by
-    codec: ValueCodec
-    ttl_ms: int
-    soft_ms: int
-    counters: _Counters
-
-
 Load = Callable[[], tuple[Any, int]]
 """A database read returning (value, position): the value reflects every commit a caller
 whose `need` is at most `position` requires (see `Cache.fetch`)."""
 
 
 class _Call(NamedTuple):
-    spec: _Spec
+    spec: Spec
     key: str
     lock: str
     generations: list[str]
@@ -160,8 +122,7 @@ class Cache:
             int((settings.max_lag_seconds + 2 * settings.health_interval) * 1000)
             if settings.read_replica_urls else 0
         )
-        self._specs: dict[tuple[Plan, str], _Spec | Counter] = {}
-        self._warned: set[str] = set()
+        self._specs = Specs(settings, self._cipher)
         self._outage = False
         self._closed = threading.Event()
         self._invalidations = Invalidations(self._send_invalidations, self._redis_ok,
@@ -193,8 +154,8 @@ class Cache:
         `need`: the WAL position (an int LSN, 0 for none) the caller's reads must reflect;
         an entry whose recorded position is lower is not served to this caller.
         """
-        spec = self._specs.get((plan, sql)) or self._spec(plan, sql)
-        if not isinstance(spec, _Spec):
+        spec = self._specs.get(plan, sql)
+        if not isinstance(spec, Spec):
             spec.inc()  # the query's "not cached" counter
             return load()[0]
         if self._invalidations.pending:
@@ -473,57 +434,8 @@ class Cache:
 
     # -- plans -----------------------------------------------------------------------------
 
-    def _spec(self, plan: Plan, sql: str) -> _Spec | Counter:
-        """The plan's spec, or the bypass counter to bump when it must not be cached."""
-        spec: _Spec | Counter
-        annotation = value_type(plan.shape)
-        if plan.phi and self._cipher is None:
-            self._warn_once(plan.name, "is phi=True and HCREPO_CACHE_ENCRYPTION_KEY is not "
-                                       "set: its results are not cached")
-            spec = metrics.CACHE_BYPASSED.labels(query=plan.name, reason="phi_without_key")
-        elif annotation is None:
-            self._warn_once(plan.name, "returns a shape that cannot be cached")
-            spec = metrics.CACHE_BYPASSED.labels(query=plan.name, reason="uncacheable_shape")
-        else:
-            assert plan.cache is not None
-            ttl = self._ttl_seconds(plan.cache.ttl, plan.name)
-            codec = ValueCodec(annotation, self._cipher if plan.phi else None)
-            # The clinic is keyed by the namespace (and, outside it, by the value key).
-            keyed = tuple(name for name in POLICY_INPUTS
-                          if name != "clinic_id" and name not in plan.cache.independent_of)
-            spec = _Spec(
-                query=plan.name,
-                plan_id=plan_id(plan.name, sql,
-                                [codec.schema, codec.encrypts, plan.cache.tags, keyed],
-                                CODEC_VERSION),
-                keyed=keyed,
-                codec=codec,
-                ttl_ms=int(ttl * 1000),
-                soft_ms=int(ttl * 1000 * self._settings.cache_soft_ttl_ratio),
-                counters=_Counters.bind(plan.name),
-            )
-        self._specs[(plan, sql)] = spec
-        return spec
-
-    def _ttl_seconds(self, ttl: int | str, query: str) -> float:
-        """Seconds, a preset of HCREPO_CACHE_TTL_PRESETS, or "default" (CACHE_TTL)."""
-        if isinstance(ttl, str):
-            presets = {"default": self._settings.cache_ttl, **self._settings.cache_ttl_presets}
-            if ttl not in presets:
-                raise ConfigError("HCREPO_CACHE_TTL_PRESETS",
-                                  f"has no preset {ttl!r} (used by {query})")
-            return presets[ttl]
-        if ttl <= 0:
-            raise ConfigError("CACHE_TTL", f"@cached(ttl={ttl}) of {query} must be positive")
-        return ttl
-
-    def _warn_once(self, query: str, problem: str) -> None:
-        if query not in self._warned:
-            self._warned.add(query)
-            logger.warning("cached query {} {}", query, problem)
-
     @staticmethod
-    def _bypass(spec: _Spec, reason: str, load: Load) -> tuple[Any, int]:
+    def _bypass(spec: Spec, reason: str, load: Load) -> tuple[Any, int]:
         metrics.CACHE_BYPASSED.labels(query=spec.query, reason=reason).inc()
         return load()
 
