@@ -37,8 +37,9 @@ import psycopg_pool
 
 from benchmarks.bench_point_read import SQL, Patients
 from benchmarks.harness import APP_PASSWORD, DBNAME, balanced_rounds, pin, stack
-from hcrepo import Database, Repository, Settings, migrate, query
+from hcrepo import Database, Repository, Settings, query
 from hcrepo import pipeline as hc_pipeline
+from hcrepo.admin import migrate
 from hcrepo.execution import context_statement
 from hcrepo.pipeline import HcConnection, Statement
 from hcrepo.tenancy import Context

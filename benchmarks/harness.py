@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from hcrepo import migrate
+from hcrepo.admin import migrate
 from hcrepo.testing import PostgresServer
 
 OWNER_PASSWORD = "bench-owner"

@@ -91,10 +91,20 @@ class SqlQuery(NamedTuple):
     max_page: int | None
     order_by: OrderBy | None
     variants: dict[str, str]
+    sql_line: int
+    """The file line where the statement's text starts (after directives and blank lines)."""
 
     @property
     def source(self) -> str:
         return f"{self.path}:{self.line}"
+
+    def line_at(self, sent: str, position: int | None) -> int:
+        """The file line of a 1-based character position in `sent` (the statement or one of
+        its ORDER BY variants, as sent), such as a server error's; the `-- name:` line when
+        there is none."""
+        if not position:
+            return self.line
+        return self.sql_line + sent[: position - 1].count("\n")
 
     def sql_for(self, order: str | None) -> str:
         """The statement text for one whitelisted ordering (`col` or `-col`)."""
@@ -221,7 +231,12 @@ def _compile(block: _Block, path: str) -> SqlQuery:
         max_page=_max_page_directive(block, fail),
         order_by=order_by,
         variants=variants,
+        sql_line=block.body_line + _leading_lines(block.body),
     )
+
+
+def _leading_lines(body: str) -> int:
+    return body[: len(body) - len(body.lstrip())].count("\n")
 
 
 def _rewrite_params(

@@ -14,8 +14,9 @@ import psycopg
 import pytest
 from pydantic import BaseModel
 
-from hcrepo import Repository, migrate, query
-from hcrepo.check import Finding, repositories, run_check
+from hcrepo import Repository, query
+from hcrepo.admin import migrate
+from hcrepo.admin.check import Finding, repositories, run_check
 from hcrepo.healthcare import PatientRepository, PrescriptionRepository, ProviderRepository
 from hcrepo.shipped import shipped_dir
 from tests.plugins.database import Database as ServerDatabase

@@ -10,7 +10,7 @@ from typing import Protocol
 
 import pytest
 
-from hcrepo import migrate
+from hcrepo.admin import migrate
 from hcrepo.cli import main
 from hcrepo.testing import PostgresServer, free_port
 from tests.plugins.database import OWNER_PASSWORD, FreshDatabase

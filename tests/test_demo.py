@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hcrepo import demo
+from hcrepo.cli import demo
 
 ROOT = Path(__file__).resolve().parents[1]
 # Modules a production command must not load: the throw-away servers and their extra.

@@ -10,7 +10,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from hcrepo import migrate
+import hcrepo
+from hcrepo.admin import migrate
 from tests.plugins.database import Database, FreshDatabase, Seed
 
 # Everything a migration could leave behind in the database, yoyo's own bookkeeping excepted.
@@ -145,8 +146,8 @@ def test_a_migration_failing_midway_leaves_the_database_as_it_was(
 def test_migrations_dir_is_the_checkout_or_the_wheel_copy() -> None:
     found = migrate.migrations_dir()
     assert found in (
-        Path(migrate.__file__).parent / "_data" / "migrations",
-        Path(migrate.__file__).parents[1] / "migrations",
+        Path(hcrepo.__file__).parent / "_data" / "migrations",
+        Path(hcrepo.__file__).parents[1] / "migrations",
     )
     assert (found / "0001_roles.sql").is_file()
 

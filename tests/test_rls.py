@@ -19,7 +19,7 @@ from pglast import ast, parse_sql
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
-from hcrepo import migrate
+from hcrepo.admin import migrate
 from hcrepo.testing import PostgresServer
 from tests.plugins.database import (
     Database,

@@ -23,7 +23,7 @@ Per test:
 - `hcrepo_database`: an empty database on `hcrepo_postgres` (`ScratchDatabase`), and
   `hcrepo_database_factory`: `make()` as many as the test needs. pytest-postgresql's
   `DatabaseJanitor` creates them and drops them after the test. `ScratchDatabase.bootstrap`
-  hands one to hcrepo's owner role, ready for `hcrepo.migrate.apply`.
+  hands one to hcrepo's owner role, ready for `hcrepo.admin.migrate.apply`.
 
 pytest-postgresql does the per-test databases. The servers are hcrepo's own, for what its
 process fixtures cannot do: streaming replicas, running under root as an unprivileged user
@@ -43,7 +43,7 @@ import pytest
 from psycopg import sql
 from pytest_postgresql.janitor import DatabaseJanitor
 
-from hcrepo import migrate
+from hcrepo.admin import migrate
 from hcrepo.testing.postgres import PostgresServer, wait_for_replay
 from hcrepo.testing.redis import RedisCluster, RedisServer
 

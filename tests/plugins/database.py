@@ -23,7 +23,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from hcrepo import migrate
+from hcrepo.admin import migrate
 from hcrepo.testing import PostgresServer
 from hcrepo.testing.plugin import DatabaseFactory
 

@@ -11,6 +11,7 @@ removed on exit, on error too. Output names clinics, MRNs and counts, never PHI.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import secrets
 import sys
@@ -23,7 +24,9 @@ from uuid import UUID
 
 import psycopg
 
-from hcrepo import Database, ExclusionViolation, Settings, TenantContextMissing, migrate
+from hcrepo import Database, ExclusionViolation, Settings, TenantContextMissing
+from hcrepo.admin import migrate
+from hcrepo.admin.connect import conninfo_url
 from hcrepo.healthcare import (
     AppointmentRepository,
     ClinicRepository,
@@ -75,7 +78,7 @@ def run(out: TextIO = sys.stdout) -> int:
         out.write(f"migrations applied as {migrate.OWNER_ROLE}: {', '.join(applied)}\n")
         app_password = secrets.token_urlsafe()
         migrate.set_role_password(owner_url, migrate.APP_ROLE, app_password)
-        app_url = migrate.conninfo_url(owner_url, user=migrate.APP_ROLE, password=app_password)
+        app_url = conninfo_url(owner_url, user=migrate.APP_ROLE, password=app_password)
         replica_url = replica.url(user=migrate.APP_ROLE, password=app_password,
                                   dbname="hcrepo_demo")
         wait_for_replay(replica, primary.current_wal_lsn())
@@ -185,3 +188,9 @@ def _replay_paused(replica: PostgresServer) -> Iterator[None]:
             yield
         finally:
             conn.execute("SELECT pg_wal_replay_resume()")
+
+
+def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    commands.add_parser(
+        "demo", help="run a throw-away PostgreSQL, migrate, seed two clinics, show isolation"
+    ).set_defaults(command=lambda _args: run())

@@ -5,31 +5,27 @@ database the owner owns. Everything after that (`apply`, `rollback`, `status`) r
 owner role, never as a superuser and never as the application role.
 
 Connection failures become `ConfigError` naming the setting the URL came from, with a
-one-line cause and never the password.
+one-line cause and never the password (hcrepo.admin.connect).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from yoyo import get_backend, read_migrations
 
+from hcrepo.admin.connect import cause, connect, conninfo_url, params
 from hcrepo.errors import ConfigError, HcrepoError
 from hcrepo.shipped import shipped_dir
 
 OWNER_ROLE = "hcrepo_owner"
 APP_ROLE = "hcrepo_app"
-
-# A refused or silent host must not hang `hcrepo migrate`; an explicit value in the URL wins.
-_CONNECT_TIMEOUT = "10"
 
 
 class MigrationFailed(HcrepoError):
@@ -48,27 +44,6 @@ class MigrationState(NamedTuple):
 
 def migrations_dir() -> Path:
     return shipped_dir("migrations")
-
-
-def conninfo_url(url: str, **changes: str) -> str:
-    """`url` (URL or key=value conninfo) as a postgresql:// URL, with `changes` applied."""
-    params = {key: str(value) for key, value in conninfo_to_dict(url).items()}
-    params.update(changes)
-    netloc = ""
-    if "user" in params:
-        netloc = quote(params.pop("user"), safe="")
-        if "password" in params:
-            netloc += ":" + quote(params.pop("password"), safe="")
-        netloc += "@"
-    host = params.get("host", "")
-    # Unix socket directories and multi-host lists stay in the query string.
-    if host and not host.startswith("/") and "," not in host:
-        netloc += f"[{params.pop('host')}]" if ":" in host else params.pop("host")
-        if "port" in params:
-            netloc += f":{params.pop('port')}"
-    dbname = quote(params.pop("dbname", ""), safe="")
-    query = f"?{urlencode(params)}" if params else ""
-    return f"postgresql://{netloc}/{dbname}{query}"
 
 
 def bootstrap(superuser_url: str, *, database: str, owner_password: str) -> str:
@@ -153,7 +128,7 @@ def _backend(url: str, setting: str) -> Iterator[Any]:
     try:
         backend = get_backend(_yoyo_uri(url, setting))
     except psycopg.OperationalError as exc:
-        raise ConfigError(setting, f"cannot connect: {_cause(exc, url)}") from None
+        raise ConfigError(setting, f"cannot connect: {cause(exc, url)}") from None
     try:
         yield backend
     finally:
@@ -163,29 +138,7 @@ def _backend(url: str, setting: str) -> Iterator[Any]:
 def _yoyo_uri(url: str, setting: str) -> str:
     # yoyo's psycopg 3 backend is the postgresql+psycopg scheme; it hands query arguments to
     # psycopg.connect unchanged, so every conninfo parameter (sockets, sslmode...) survives.
-    return f"postgresql+psycopg:///?{urlencode(_params(url, setting))}"
-
-
-def _params(url: str, setting: str) -> dict[str, str]:
-    try:
-        params = {key: str(value) for key, value in conninfo_to_dict(url).items()}
-    except psycopg.ProgrammingError:
-        raise ConfigError(setting, "not a valid PostgreSQL URL") from None
-    params.setdefault("connect_timeout", _CONNECT_TIMEOUT)
-    return params
-
-
-@contextmanager
-def connect(url: str, setting: str, *, autocommit: bool = False) -> Iterator[psycopg.Connection]:
-    """A plain psycopg connection; failing to connect raises `ConfigError` naming `setting`,
-    with the password masked."""
-    params = _params(url, setting)
-    try:
-        conn = psycopg.connect(make_conninfo(**params), autocommit=autocommit)
-    except psycopg.OperationalError as exc:
-        raise ConfigError(setting, f"cannot connect: {_cause(exc, url)}") from None
-    with conn:
-        yield conn
+    return f"postgresql+psycopg:///?{urlencode(params(url, setting))}"
 
 
 def _encrypted(conn: psycopg.Connection, role: str, password: str) -> str:
@@ -193,12 +146,3 @@ def _encrypted(conn: psycopg.Connection, role: str, password: str) -> str:
     # reaches the server's statement log.
     verifier = conn.pgconn.encrypt_password(password.encode(), role.encode())
     return verifier.decode()
-
-
-def _cause(exc: Exception, url: str) -> str:
-    """libpq's multi-line message as one line, without the URL's password."""
-    text = re.sub(r"\s+", " ", str(exc)).strip()
-    password = conninfo_to_dict(url).get("password")
-    if password:
-        text = text.replace(str(password), "***")
-    return text or type(exc).__name__

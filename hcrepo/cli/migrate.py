@@ -1,47 +1,15 @@
-"""The `hcrepo` command: one small function per subcommand.
-
-Errors a user can fix (settings, unreachable database, wrong credentials) print one line
-naming the setting and exit 2; a failed migration prints one line and exits 1. Neither shows
-a traceback: tracebacks are for bugs.
-"""
+"""`hcrepo migrate apply|rollback|list`: the schema migrations, as the owner role."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
-from collections.abc import Callable, Sequence
 
-from hcrepo import check, demo, migrate
+from hcrepo.admin import migrate
 from hcrepo.config import Settings
-from hcrepo.errors import ConfigError, HcrepoError
-
-Command = Callable[[argparse.Namespace], int]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    command: Command = args.command
-    try:
-        return command(args)
-    except ConfigError as exc:
-        print(f"hcrepo: {exc}", file=sys.stderr)
-        return 2
-    except HcrepoError as exc:
-        print(f"hcrepo: {exc}", file=sys.stderr)
-        return 1
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hcrepo", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(required=True, metavar="COMMAND")
-    _add_migrate(commands)
-    _add_check(commands)
-    _add_demo(commands)
-    return parser
-
-
-def _add_migrate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     migrate_parser = commands.add_parser(
         "migrate",
         help="apply, roll back or list schema migrations (as the owner role)",
@@ -66,27 +34,6 @@ def _add_migrate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     how_many.add_argument("--count", type=_positive, metavar="N", help="how many (default 1)")
     how_many.add_argument("--all", action="store_true", help="roll back every migration")
     rollback.set_defaults(command=_migrate_rollback)
-
-
-def _add_check(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    check_parser = commands.add_parser(
-        "check",
-        help="prepare every repository query on a live database and compare it with its model",
-        description="Connects through --database, else DATABASE_URL (the application role). "
-        "Prints file:line: severity: message per finding; exits 1 on any error.",
-    )
-    check_parser.add_argument("--database", metavar="URL", help="application role URL")
-    check_parser.add_argument(
-        "--module", action="append", default=[], metavar="NAME",
-        help="import NAME so that its repositories are checked too (repeatable)",
-    )
-    check_parser.set_defaults(command=lambda args: check.main(args.database, args.module))
-
-
-def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    commands.add_parser(
-        "demo", help="run a throw-away PostgreSQL, migrate, seed two clinics, show isolation"
-    ).set_defaults(command=lambda _args: demo.run())
 
 
 def _migrate_apply(args: argparse.Namespace) -> int:

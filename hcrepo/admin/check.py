@@ -18,12 +18,10 @@ import datetime
 import decimal
 import enum
 import importlib
-import sys
 import types
 import typing
 import uuid
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol
 
 import psycopg
@@ -33,9 +31,8 @@ from psycopg import pq
 from pydantic import BaseModel
 
 from hcrepo import sqlfile
-from hcrepo.config import Settings
+from hcrepo.admin.connect import connect
 from hcrepo.errors import ConfigError
-from hcrepo.migrate import connect
 from hcrepo.plan import Plan, type_name
 from hcrepo.repository import Repository, reads_setting
 from hcrepo.results import Many, OneOrNone, Stream
@@ -97,9 +94,8 @@ class Finding(NamedTuple):
 
 
 def repositories(modules: Iterable[str] = ()) -> list[type[Repository]]:
-    """Every loaded Repository subclass bound to a SQL file, after importing `modules`
-    (hcrepo.healthcare always)."""
-    for name in ("hcrepo.healthcare", *modules):
+    """Every loaded Repository subclass bound to a SQL file, after importing `modules`."""
+    for name in modules:
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -126,26 +122,6 @@ def run_check(
             for attribute, plan in cls.__plans__.items():
                 checker.check(cls, attribute, plan)
         return sorted(checker.findings, key=lambda f: (f.path, f.line, f.message))
-
-
-def main(database: str | None = None, modules: Sequence[str] = ()) -> int:
-    """The CLI: print every finding as `file:line: severity: message`; 1 on any error."""
-    if database is not None:
-        url, setting = database, "--database"
-    else:
-        url, setting = Settings.load().database_url, "DATABASE_URL"
-    classes = repositories(modules)
-    findings = run_check(url, classes, setting=setting)
-    cwd = Path.cwd()
-    for finding in findings:
-        path = Path(finding.path)
-        shown = path.relative_to(cwd) if path.is_relative_to(cwd) else path
-        print(str(finding._replace(path=str(shown))))
-    errors = sum(f.severity == "error" for f in findings)
-    queries = sum(len(cls.__plans__) for cls in classes)
-    print(f"hcrepo check: {queries} queries, {errors} errors, {len(findings) - errors} warnings",
-          file=sys.stderr)
-    return 1 if errors else 0
 
 
 class _Report(Protocol):
@@ -191,7 +167,7 @@ class _Checker:
             result, failure = self._describe(text)
             if failure is not None:
                 message, position = failure
-                report("error", message, _file_line(query, text, position))
+                report("error", message, query.line_at(text, position))
                 return
             described = described or result
         assert described is not None
@@ -411,19 +387,6 @@ class _Writes(visitors.Visitor):
 
 def _relation_name(relation: ast.RangeVar) -> str:
     return ".".join(part for part in (relation.schemaname, relation.relname) if part)
-
-
-def _file_line(query: sqlfile.SqlQuery, text: str, position: int | None) -> int:
-    """The file line of a 1-based character position in the statement sent (else the name)."""
-    if not position:
-        return query.line
-    lines = Path(query.path).read_text(encoding="utf-8").splitlines()
-    body = query.line  # index of the line after `-- name:`
-    while body < len(lines) and sqlfile._DIRECTIVE_LINE.match(lines[body]):
-        body += 1
-    while body < len(lines) and not lines[body].strip():
-        body += 1
-    return body + 1 + text[: position - 1].count("\n")
 
 
 def _allows_none(annotation: Any) -> bool:
