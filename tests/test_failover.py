@@ -152,7 +152,8 @@ def test_hot_standby_conflict_is_retried_on_another_node(cluster: Cluster) -> No
         db = cluster.database(routing_policy="round_robin")
         answers: list[Any] = []
         reader = threading.Thread(
-            target=lambda: answers.append(Routing(db).slow_where_am_i(seconds=0.5))
+            # Long enough that the replayed lock always meets it running, on a loaded machine.
+            target=lambda: answers.append(Routing(db).slow_where_am_i(seconds=2.0))
         )
         reader.start()  # the first round-robin turn is replica1, the victim
 
