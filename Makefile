@@ -1,6 +1,7 @@
 # The README's two commands, each setting itself up from a fresh clone:
 #   make demo    start throw-away servers and walk through hcrepo
-#   make test    lint, type-check and run the whole suite against real servers
+#   make test    lint, type-check, check the import layers and run the whole suite against
+#                real servers
 # `make bench` runs the benchmarks the same way.
 
 PYTHON ?= python3
@@ -18,6 +19,7 @@ demo: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy --strict hcrepo
+	$(BIN)/lint-imports
 	$(BIN)/pytest
 
 bench: setup
