@@ -48,6 +48,14 @@ def cache_key_bytes(text: str) -> bytes:
     return raw
 
 
+def server_options(url: str, **settings: object) -> str:
+    """The URL's own `options` with `-c name=value` for each of `settings` appended, for a
+    connection that must start with those server settings whatever the URL says."""
+    given = str(conninfo_to_dict(url).get("options") or "")
+    extra = " ".join(f"-c {name}={value}" for name, value in settings.items())
+    return f"{given} {extra}".strip()
+
+
 def _check_url(value: str) -> str:
     try:
         conninfo_to_dict(value)

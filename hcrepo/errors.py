@@ -149,10 +149,6 @@ class PoolTimeout(HcrepoError):
     """No connection could be had from a pool in time."""
 
 
-class RateLimited(HcrepoError):
-    """A caller exceeded its configured rate."""
-
-
 def detached(error: BaseException) -> BaseException:
     """`error` made fit to leave hcrepo: what it chained and hcrepo's frames are dropped.
 

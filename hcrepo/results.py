@@ -173,17 +173,29 @@ class Nothing(Shape):
         return None
 
 
+def without_none(annotation: Any) -> tuple[tuple[Any, ...], bool]:
+    """The types an annotation allows besides None, and whether it allows None: `X | None`,
+    `Optional[X]` and `Union[X, None]` alike give ((X,), True); `X` gives ((X,), False)."""
+    if annotation is None or annotation is type(None):
+        return (), True
+    if typing.get_origin(annotation) in (types.UnionType, typing.Union):
+        args = typing.get_args(annotation)
+        present = tuple(arg for arg in args if arg is not type(None))
+        return present, len(present) < len(args)
+    return (annotation,), False
+
+
 def shape_for(annotation: Any, *, returns_rows: bool, where: str) -> Shape:
     """Pick the strategy a return annotation asks for; raise ValueError with a reason."""
-    if annotation is None or annotation is type(None):
+    present, optional = without_none(annotation)
+    if not present:
         return Nothing(None)
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (types.UnionType, typing.Union):
-        present = [a for a in args if a is not type(None)]
-        if len(present) == 1 and len(args) == 2:
+    if optional or len(present) > 1:
+        if len(present) == 1:
             return OneOrNone(_row_type(present[0], where))
         raise ValueError(f"{where}: only 'X | None' unions are supported")
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
     if origin is list:
         return Many(_row_type(args[0], where))
     if origin in (collections.abc.Iterator, collections.abc.Iterable):

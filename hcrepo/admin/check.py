@@ -35,7 +35,7 @@ from hcrepo.admin.connect import connect
 from hcrepo.errors import ConfigError
 from hcrepo.plan import Plan, type_name
 from hcrepo.repository import Repository, reads_setting
-from hcrepo.results import Many, OneOrNone, Stream
+from hcrepo.results import Many, OneOrNone, Stream, without_none
 
 Severity = Literal["error", "warning"]
 
@@ -263,7 +263,7 @@ class _Checker:
                 continue
             annotation = fields[column.name].annotation
             self._compare_type(column, annotation, label, report)
-            if not _allows_none(annotation):
+            if not without_none(annotation)[1]:
                 self._require_not_null(column, label, report)
         for name, field in fields.items():
             if field.is_required() and name not in names:
@@ -389,13 +389,6 @@ def _relation_name(relation: ast.RangeVar) -> str:
     return ".".join(part for part in (relation.schemaname, relation.relname) if part)
 
 
-def _allows_none(annotation: Any) -> bool:
-    return annotation is None or annotation is type(None) or (
-        typing.get_origin(annotation) in (types.UnionType, typing.Union)
-        and type(None) in typing.get_args(annotation)
-    )
-
-
 def _compatible(annotation: Any, actual: Any) -> bool:
     """Whether a value psycopg loads as `actual` is a valid value of `annotation`."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
@@ -404,7 +397,7 @@ def _compatible(annotation: Any, actual: Any) -> bool:
     if origin is typing.Annotated:
         return _compatible(args[0], actual)
     if origin in (types.UnionType, typing.Union):
-        return any(_compatible(a, actual) for a in args if a is not type(None))
+        return any(_compatible(a, actual) for a in without_none(annotation)[0])
     if origin is Literal:
         return all(_compatible(type(value), actual) for value in args)
     if typing.get_origin(actual) is list:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import typing
 import zlib
 from typing import Any, NamedTuple
 
@@ -29,7 +30,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from hcrepo.cache.store import TOKEN_SIZE
-from hcrepo.results import Many, One, OneOrNone, Shape
+from hcrepo.results import Many, One, OneOrNone, Shape, without_none
 
 CODEC_VERSION = 2
 ENCRYPTED = 1
@@ -94,10 +95,9 @@ class ValueCodec:
     """Encodes and decodes one query's results; `encrypt` binds it to the AES key."""
 
     def __init__(self, annotation: Any, cipher: AESGCM | None) -> None:
-        row = annotation
-        for arg in getattr(annotation, "__args__", ()):
-            if arg is not type(None):
-                row = arg
+        (row,), _ = without_none(annotation)
+        if typing.get_origin(row) is list:
+            (row,) = typing.get_args(row)
         is_model = isinstance(row, type) and issubclass(row, BaseModel)
         config = None if is_model else ConfigDict(ser_json_bytes="base64",
                                                   val_json_bytes="base64")

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, date, datetime, timedelta
-from typing import TYPE_CHECKING, Literal, TextIO
+from typing import TYPE_CHECKING, TextIO
 from uuid import UUID
 
 import psycopg
@@ -32,13 +32,13 @@ from hcrepo.healthcare import (
     ClinicRepository,
     PatientRepository,
     ProviderRepository,
+    Sex,
 )
 from hcrepo.ops import metrics
 
 if TYPE_CHECKING:
     from hcrepo.testing import PostgresServer
 
-Sex = Literal["female", "male", "other", "unknown"]
 # Obviously fake people: (MRN, first name, last name, date of birth, sex).
 CLINICS: dict[str, Sequence[tuple[str, str, str, str, Sex]]] = {
     "Demo Clinic North": [

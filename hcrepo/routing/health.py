@@ -30,8 +30,8 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
 
+from hcrepo.config import server_options
 from hcrepo.ops.counters import Counter
 from hcrepo.routing.consistency import parse_lsn
 
@@ -59,7 +59,6 @@ class ProbePool:
     """At most `PROBE_POOL_SIZE` autocommit connections to one node, for probes only."""
 
     def __init__(self, url: str, timeout: float, *, warm_up: str) -> None:
-        options = str(conninfo_to_dict(url).get("options") or "")
         self._url = url
         self._warm_up = warm_up
         self._timeout = timeout
@@ -67,7 +66,7 @@ class ProbePool:
             "autocommit": True,
             # libpq's connect_timeout is whole seconds, and at least 2.
             "connect_timeout": max(2, math.ceil(timeout)),
-            "options": f"{options} -c statement_timeout={max(1, int(timeout * 1000))}".strip(),
+            "options": server_options(url, statement_timeout=max(1, int(timeout * 1000))),
             "application_name": "hcrepo-health",
         }
         self._idle: list[psycopg.Connection[Any]] = []

@@ -33,7 +33,7 @@ import psycopg_pool
 from loguru import logger
 from psycopg.conninfo import conninfo_to_dict
 
-from hcrepo.config import Settings
+from hcrepo.config import Settings, server_options
 from hcrepo.errors import ConnectionLost, PoolTimeout
 from hcrepo.ops.breaker import CLOSED, BreakerState, CircuitBreaker
 from hcrepo.ops.counters import Counter
@@ -171,8 +171,7 @@ class Node:
         s = self._settings
         kwargs: dict[str, Any] = {"autocommit": True, "prepare_threshold": None}
         if not self.is_primary:
-            options = str(conninfo_to_dict(self.url).get("options") or "")
-            kwargs["options"] = f"{options} -c default_transaction_read_only=on".strip()
+            kwargs["options"] = server_options(self.url, default_transaction_read_only="on")
         pool: psycopg_pool.ConnectionPool[HcConnection] = psycopg_pool.ConnectionPool(
             self.url,
             connection_class=HcConnection,
