@@ -18,6 +18,7 @@ from hcrepo.errors import (
     HcrepoError,
     InvalidContext,
     InvalidOrderBy,
+    InvalidRow,
     NotFound,
     PageSizeExceeded,
     PoolTimeout,
@@ -29,6 +30,7 @@ from hcrepo.errors import (
     TenantContextMissing,
     TooManyRows,
     UniqueViolation,
+    WriteOutsideUnitOfWork,
 )
 from hcrepo.repository import Repository, cached, query
 from hcrepo.tenancy import Context, bind_context
@@ -48,6 +50,7 @@ __all__ = [
     "HcrepoError",
     "InvalidContext",
     "InvalidOrderBy",
+    "InvalidRow",
     "InvalidToken",
     "NotFound",
     "PageSizeExceeded",
@@ -64,6 +67,7 @@ __all__ = [
     "TooManyRows",
     "UniqueViolation",
     "UnitOfWork",
+    "WriteOutsideUnitOfWork",
     "bind_context",
     "cached",
     "query",

@@ -1,29 +1,25 @@
-"""Read-your-writes: the WAL position a caller's reads must reflect (invariant 5).
+"""Read-your-writes: the WAL position a caller's reads must reflect.
 
-After a COMMIT the primary's WAL insert position (LSN) is recorded in the current context;
-a read in that context may only be served by a replica that has replayed it. To carry the
-guarantee across a process boundary (a queued job, the next HTTP request) the position
-travels as a token: PostgreSQL's own LSN text, e.g. "16/B374D848", which fits a job payload,
-a cookie or a header unescaped and compares as `pg_lsn` in SQL.
+After a COMMIT the primary's WAL insert position (LSN), read in the same round trip, is
+recorded in the caller's block (`hcrepo.tenancy.Scope.writes`); a read in that block may only
+be served by a replica that has replayed it, and a cached value only if it was filled after
+it. To carry the guarantee across a process boundary (a queued job, the next HTTP request)
+the position travels as a token: PostgreSQL's own LSN text, e.g. "16/B374D848", which fits a
+job payload, a cookie or a header unescaped and compares as `pg_lsn` in SQL.
 
 Positions are kept per cluster (the primary's address), so two `Database`s in one process
-never force each other's reads to their primaries. Positions a context wrote stay for the
-life of the context; positions it was told to wait for (`awaiting`) last for the block.
+never force each other's reads to their primaries. A block's positions last as long as the
+block; positions it was told to wait for (`awaiting`) last for the inner block.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from contextvars import ContextVar
+from dataclasses import replace
 from types import MappingProxyType
 
+from hcrepo import tenancy
 from hcrepo.errors import HcrepoError
-
-_NONE: Mapping[str, int] = MappingProxyType({})
-_written: ContextVar[Mapping[str, int]] = ContextVar("hcrepo_written_lsn", default=_NONE)
-_awaited: ContextVar[Mapping[str, int]] = ContextVar("hcrepo_awaited_lsn", default=_NONE)
 
 _LSN = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})")
 # PostgreSQL's defaults (XLOG_BLCKSZ, wal_segment_size) and page header sizes. With other
@@ -64,40 +60,34 @@ def format_lsn(lsn: int) -> str:
     return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
 
 
-def record(cluster: str, lsn: int) -> None:
-    """A commit at `lsn` happened in this context: its later reads must see it."""
-    written = _written.get()
-    if written.get(cluster, 0) < lsn:
-        _written.set(MappingProxyType({**written, cluster: lsn}))
+def record(positions: tenancy.Positions, cluster: str, lsn: str) -> None:
+    """A commit whose insert position right after COMMIT was `lsn` happened in the block that
+    holds `positions`: its later reads must see it."""
+    positions.record(cluster, parse_lsn(lsn))
 
 
-def required(cluster: str) -> int:
-    """The LSN a read in this context must see on `cluster`; 0 when any replica will do."""
-    return max(_written.get().get(cluster, 0), _awaited.get().get(cluster, 0))
+def replay_needed(position: int) -> int:
+    """The replay position a replica needs to show everything up to `position` (0: none)."""
+    return commit_end(position) if position else 0
 
 
-def token(cluster: str) -> str | None:
-    """What to hand on so another context sees everything this one has to see."""
-    lsn = required(cluster)
+def token(scope: tenancy.Scope, cluster: str) -> str | None:
+    """What to hand on so another block sees everything `scope` has to see."""
+    lsn = scope.required(cluster)
     return format_lsn(lsn) if lsn else None
 
 
-@contextmanager
-def awaiting(cluster: str, token: str | None) -> Iterator[None]:
-    """Reads in the block see at least the commit `token` names (None or "": no constraint).
+def awaiting(cluster: str, token: str | None) -> tenancy.Block:
+    """A block whose reads see at least the commit `token` names (None or "": no constraint).
 
-    Writes made inside the block stay recorded after it: only the awaited position ends.
+    Writes made inside the block stay recorded in the outer block: only the wait ends.
+    A malformed token raises `InvalidToken` here, before the block starts.
     """
-    if not token:
-        yield
-        return
-    lsn = parse_lsn(token)
-    awaited = _awaited.get()
-    reset = None
-    if awaited.get(cluster, 0) < lsn:
-        reset = _awaited.set(MappingProxyType({**awaited, cluster: lsn}))
-    try:
-        yield
-    finally:
-        if reset is not None:
-            _awaited.reset(reset)
+    lsn = parse_lsn(token) if token else 0
+
+    def derive(outer: tenancy.Scope) -> tenancy.Scope:
+        if outer.awaited.get(cluster, 0) >= lsn:
+            return outer
+        return replace(outer, awaited=MappingProxyType({**outer.awaited, cluster: lsn}))
+
+    return tenancy.Block(derive)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from dataclasses import replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
@@ -17,14 +17,15 @@ from uuid import UUID
 import tenacity
 from prometheus_client import generate_latest
 
-from hcrepo import metrics, tenancy
+from hcrepo import consistency, metrics, tenancy
 from hcrepo.cache import Cache
 from hcrepo.config import Settings
 from hcrepo.driver_errors import RETRYABLE_SQLSTATES
-from hcrepo.errors import ConnectionLost, DatabaseError
+from hcrepo.errors import ConnectionLost, DatabaseError, WriteOutsideUnitOfWork, detached
 from hcrepo.execution import (
     commit_outcome_unknown,
     context_statement,
+    end_failed_transaction,
     ensure_open,
     fetch_lsn,
     run_or_translate,
@@ -34,7 +35,7 @@ from hcrepo.observer import Observer
 from hcrepo.pipeline import HcConnection, Statement
 from hcrepo.routing import Router
 from hcrepo.tenancy import Context
-from hcrepo.unit_of_work import UnitOfWork, open_unit
+from hcrepo.unit_of_work import UnitOfWork, begin_statement
 
 if TYPE_CHECKING:
     from hcrepo.repository import Plan
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
 R = TypeVar("R")
 
 _LIST_CLINICS = "/* hcrepo:for_each_clinic */ SELECT id FROM clinics ORDER BY id"
+_BEGIN = Statement("BEGIN")
+_COMMIT = Statement("COMMIT")
 
 
 class Database:
@@ -80,16 +83,24 @@ class Database:
         if self._cache is not None:
             self._cache.close()
 
-    # -- context -------------------------------------------------------------------------
+    # -- context ----------------------------------------------------------------------------
 
     def context(
         self,
         *,
         clinic_id: UUID | str | None = tenancy.UNSET,
         actor_id: UUID | str | None = tenancy.UNSET,
-    ) -> AbstractContextManager[Context]:
-        """Make clinic and actor ambient for the block (contextvars; nests)."""
+    ) -> tenancy.ContextBlock:
+        """Make clinic and actor ambient for the code the block runs, on this thread (nests;
+        another thread gets it through `bind_context`). The block also holds the
+        read-your-writes position of the commits made in it."""
         return tenancy.use(clinic_id, actor_id)
+
+    def autonomous(self) -> tenancy.Block:
+        """A block whose writes through `db` commit on their own even while a unit of work is
+        open around it (an audit note that must survive the unit's rollback, say). Elsewhere
+        such a write is refused: a retry of the unit would commit it again."""
+        return tenancy.Block(lambda outer: replace(outer, unit=None))
 
     @property
     def fixed_context(self) -> None:
@@ -97,19 +108,20 @@ class Database:
         return None
 
     def last_write_token(self) -> str | None:
-        """Read-your-writes token of this context's commits (None: nothing to wait for).
+        """Read-your-writes token of the commits made in the caller's `db.context` block
+        (None: nothing to wait for), with or without replicas in this process.
 
         Hand it to another thread, a queued job or the next request, which reads inside
         `db.read_after(token)` and sees those commits.
         """
-        return self._router.token()
+        return consistency.token(tenancy.scope(), self._router.cluster)
 
-    def read_after(self, token: str | None) -> AbstractContextManager[None]:
+    def read_after(self, token: str | None) -> tenancy.Block:
         """Reads in the block see at least the commit `token` names; None is a no-op.
 
         A malformed token raises `InvalidToken`.
         """
-        return self._router.read_after(token)
+        return consistency.awaiting(self._router.cluster, token)
 
     def metrics(self) -> str:
         """Every hcrepo metric in Prometheus' text format (query latency and errors, cache,
@@ -124,38 +136,65 @@ class Database:
     # -- running repository plans ----------------------------------------------------------
 
     def run(self, plan: Plan, args: tuple[Any, ...], sql: str) -> Any:
-        context = tenancy.current()
+        scope = tenancy.scope()
+        context = scope.context
         plan.check_context(context)
         if plan.is_write:
-            return self._write(plan, args, sql, context)
+            if scope.open_unit() is not None:
+                raise WriteOutsideUnitOfWork(
+                    f"{plan.method} writes through db while a unit of work is open, so it "
+                    "would commit on its own (and again on every retry of the unit): give "
+                    "the repository the unit, or write inside db.autonomous()"
+                )
+            return self._write(plan, args, sql, context, scope.writes)
         if plan.shape.streams:
-            return self._stream(plan, args, sql, context)
+            return self._stream(plan, args, sql, context, self._replay_needed(scope))
         if plan.cache is not None and self._cache is not None:
+            need = self._replay_needed(scope)
             return self._cache.fetch(
-                plan, args, sql, context, lambda: self._read(plan, args, sql, context)
+                plan, args, sql, context, lambda: self._read(plan, args, sql, context, need)
             )
-        return self._read(plan, args, sql, context)
+        return self._read(plan, args, sql, context, self._replay_needed(scope))
 
-    def _read(self, plan: Plan, args: tuple[Any, ...], sql: str, context: Context) -> Any:
-        statements = [context_statement(context, plan.query.timeout_ms), Statement(sql, args)]
+    def _replay_needed(self, scope: tenancy.Scope) -> int:
+        if not self._router.replicas:
+            return 0  # the primary has everything: no position to work out
+        return consistency.replay_needed(scope.required(self._router.cluster))
+
+    def _read(
+        self, plan: Plan, args: tuple[Any, ...], sql: str, context: Context, need: int
+    ) -> Any:
+        statements = [context_statement(context, plan.query.timeout_ms, read_only=True),
+                      Statement(sql, args)]
 
         def attempt(conn: HcConnection) -> Any:
             results = run_or_translate(conn, statements, plan.name, plan.source,
                                        before=plan.name)
             return plan.shape.build(results[-1], conn.transformer, plan.name, plan.source)
 
-        return self._router.read(attempt)
+        return self._router.read(attempt, need)
 
-    def _write(self, plan: Plan, args: tuple[Any, ...], sql: str, context: Context) -> Any:
+    def _write(
+        self,
+        plan: Plan,
+        args: tuple[Any, ...],
+        sql: str,
+        context: Context,
+        positions: tenancy.Positions,
+    ) -> Any:
+        # An explicit BEGIN/COMMIT lets the commit position be read behind the COMMIT before
+        # the one Sync: a second Sync would flush the batch in two parts. It is read even
+        # without replicas here, since the token may be handed to a process that has them.
         statements = [
+            _BEGIN,
             context_statement(context, plan.query.timeout_ms),
-            Statement(sql, args, sync_after=True),
+            Statement(sql, args),
+            _COMMIT,
+            fetch_lsn(),
         ]
-        if self._router.replicas:
-            statements.append(fetch_lsn())
         for attempt in (1, 2):
             try:
-                return self._write_once(plan, args, statements, context)
+                return self._write_once(plan, args, statements, context, positions)
             except ConnectionLost:
                 # Raised only when the pooled connection was found dead before a byte was
                 # sent: nothing can have been committed, a fresh connection may try again.
@@ -164,18 +203,26 @@ class Database:
         raise AssertionError("unreachable")
 
     def _write_once(
-        self, plan: Plan, args: tuple[Any, ...], statements: list[Statement], context: Context
+        self,
+        plan: Plan,
+        args: tuple[Any, ...],
+        statements: list[Statement],
+        context: Context,
+        positions: tenancy.Positions,
     ) -> Any:
         with self._router.primary.connection() as conn:
             ensure_open(conn, before=plan.name, query=plan.name)
             try:
                 results = run_or_translate(conn, statements, plan.name, plan.source)
             except ConnectionLost as exc:
-                # The write and its implicit COMMIT were sent: it may have been committed.
+                # The write and its COMMIT were sent: it may have been committed.
                 raise commit_outcome_unknown(exc.sqlstate, plan.name) from exc
-            value = plan.shape.build(results[1], conn.transformer, plan.name, plan.source)
-        lsn = results[2].get_value(0, 0) if len(results) > 2 else None
-        self._committed(context, [(plan, args)], lsn.decode() if lsn else None)
+            except DatabaseError:
+                end_failed_transaction(conn)
+                raise
+            value = plan.shape.build(results[2], conn.transformer, plan.name, plan.source)
+        lsn = results[4].get_value(0, 0)
+        self._committed(context, [(plan, args)], lsn.decode() if lsn else None, positions)
         return value
 
     def _committed(
@@ -183,17 +230,20 @@ class Database:
         context: Context,
         writes: list[tuple[Plan, tuple[Any, ...]]],
         lsn: str | None,
+        positions: tenancy.Positions,
     ) -> None:
         """After a successful COMMIT only: read-your-writes position, then cache invalidation."""
         if lsn is not None:
-            self._router.record_write(lsn)
+            consistency.record(positions, self._router.cluster, lsn)
         if self._cache is not None:
             tags = [tag for plan, args in writes for tag in plan.tags(plan.invalidates, args)]
             if tags:
                 self._cache.invalidate(context, tags)
 
-    def _stream(self, plan: Plan, args: tuple[Any, ...], sql: str, context: Context) -> Any:
-        node = self._router.reader()  # chosen at call time: the context is captured now
+    def _stream(
+        self, plan: Plan, args: tuple[Any, ...], sql: str, context: Context, need: int
+    ) -> Any:
+        node = self._router.reader(need)  # chosen at call time: the context is captured now
         prefix = [Statement("BEGIN READ ONLY"), context_statement(context, plan.query.timeout_ms)]
 
         def rows() -> Iterator[Any]:
@@ -218,8 +268,8 @@ class Database:
             tenancy.resolve(clinic_id, actor_id),
             isolation=isolation,
             read_only=read_only,
-            track_lsn=bool(self._router.replicas),
-            on_commit=lambda uow: self._committed(uow.context, uow.invalidations, uow.commit_lsn),
+            on_commit=lambda uow: self._committed(uow.context, uow.invalidations, uow.commit_lsn,
+                                                  uow.positions),
             observer=self.observer,
         )
 
@@ -239,13 +289,34 @@ class Database:
         that guarantee nothing was committed (40001, 40P01, connection lost before COMMIT).
 
         Inside an open unit of work of the same thread it joins that one and leaves retrying
-        to its owner; elsewhere (another thread, through `bind_context`) it runs its own.
+        to its owner; it refuses (`InvalidContext`) when it asks for another clinic, actor,
+        isolation or read-only mode than that unit has. Elsewhere (another thread, through
+        `bind_context`) it runs its own. Bad options are refused before anything is sent.
         """
-        joined = open_unit.get()
-        if joined is not None and joined.joinable:
+        # The public boundary: errors leave without hcrepo's frames, which hold `kwargs`.
+        try:
+            return self._transaction(fn, retries, isolation, read_only,
+                                     tenancy.resolve(clinic_id, actor_id), kwargs)
+        except Exception as error:
+            failure = error
+        raise detached(failure)
+
+    def _transaction(
+        self,
+        fn: Callable[..., R],
+        retries: int,
+        isolation: str | None,
+        read_only: bool,
+        context: Context,
+        kwargs: dict[str, Any],
+    ) -> R:
+        begin_statement(isolation, read_only)
+        joined = tenancy.scope().open_unit()
+        if isinstance(joined, UnitOfWork) and joined.joinable:
+            joined.check_join(context, isolation, read_only)
             return fn(joined, **kwargs)
         options: dict[str, Any] = {"isolation": isolation, "read_only": read_only,
-                                   "clinic_id": clinic_id, "actor_id": actor_id}
+                                   "clinic_id": context.clinic_id, "actor_id": context.actor_id}
         units: list[UnitOfWork] = []
 
         def retryable(exc: BaseException) -> bool:

@@ -40,6 +40,10 @@ def translate(exc: psycopg.Error, *, query: str | None, source: str | None) -> e
                          ("column", diag.column_name)):
         if value:
             parts.append(f"{label} {value}")
+    if sqlstate == "25006":
+        parts.append("a query that writes, if only through a function it calls, needs "
+                     "'-- kind: write' (reads run read-only) and a unit of work that is not "
+                     "read_only")
     where = f" in {query} ({source})" if query else ""
     cls = _BY_SQLSTATE.get(sqlstate or "", errors.DatabaseError)
     message = parts[0] + (": " + "; ".join(parts[1:]) if len(parts) > 1 else "") + where

@@ -6,6 +6,12 @@ because those may be PHI (invariant 7).
 
 from __future__ import annotations
 
+import itertools
+import os
+from types import TracebackType
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
 
 class HcrepoError(Exception):
     """Base of every error hcrepo raises on purpose."""
@@ -50,6 +56,10 @@ class QueryError(HcrepoError):
         self.source = source
 
 
+class InvalidRow(QueryError):
+    """A row failed its model's validation; the message names the fields and rules only."""
+
+
 class NotFound(QueryError):
     """A method declared to return exactly one row found none."""
 
@@ -67,7 +77,13 @@ class InvalidOrderBy(QueryError):
 
 
 class InvalidContext(HcrepoError, ValueError):
-    """A clinic or actor id that is not a UUID."""
+    """A clinic or actor id that is not a UUID, or a transaction asking for another clinic,
+    actor or isolation than the unit of work it would join."""
+
+
+class WriteOutsideUnitOfWork(HcrepoError):
+    """A write through `Database` while a unit of work is open in the same block: it would
+    commit on its own, and again each time the unit is retried (see `Database.autonomous`)."""
 
 
 class TenantContextMissing(HcrepoError):
@@ -135,3 +151,40 @@ class PoolTimeout(HcrepoError):
 
 class RateLimited(HcrepoError):
     """A caller exceeded its configured rate."""
+
+
+def detached(error: BaseException) -> BaseException:
+    """`error` made fit to leave hcrepo: what it chained and hcrepo's frames are dropped.
+
+    A driver error chained as `__cause__` or `__context__` keeps the server's message, which
+    can echo a value ("invalid input syntax for type uuid: ..."), and hcrepo's frames hold the
+    call's arguments, which tools that print frame locals (loguru's `diagnose`) show. Raised
+    at the public boundary, outside any `except` block, the error carries neither. For an
+    exception that is not hcrepo's (the application's own, passing through a callback) only
+    hcrepo's frames go: its chain is the application's.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        current.__traceback__ = _outside_frames(current.__traceback__)
+        if isinstance(current, HcrepoError):
+            current.__cause__ = None
+            current.__context__ = None
+            current.__suppress_context__ = True
+            break
+        current = current.__cause__ or current.__context__
+    return error
+
+
+def _outside_frames(tb: TracebackType | None) -> TracebackType | None:
+    kept: list[TracebackType] = []
+    while tb is not None:
+        if not tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+            kept.append(tb)
+        tb = tb.tb_next
+    for outer, inner in itertools.pairwise(kept):
+        outer.tb_next = inner
+    if kept:
+        kept[-1].tb_next = None
+    return kept[0] if kept else None

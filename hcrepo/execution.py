@@ -21,7 +21,16 @@ if TYPE_CHECKING:
 _SET_CONTEXT = (
     "SELECT set_config('app.clinic_id', $1, true), set_config('app.actor_id', $2, true)"
 )
-_SET_CONTEXT_TIMEOUT = _SET_CONTEXT + ", set_config('statement_timeout', $3, true)"
+# A read cannot write, whatever it calls: a VOLATILE function that inserts fails with 25006
+# instead of committing behind a query that failover and cache fills may run twice.
+_READ_ONLY = ", set_config('transaction_read_only', 'on', true)"
+_TIMEOUT = ", set_config('statement_timeout', $3, true)"
+_CONTEXT_TEXTS = {
+    (read_only, timed): "".join(
+        (_SET_CONTEXT, _READ_ONLY if read_only else "", _TIMEOUT if timed else "")
+    )
+    for read_only in (False, True) for timed in (False, True)
+}
 STREAM_CHUNK = 2000
 # The server ends the session: admin_shutdown (pg_terminate_backend), crash_shutdown,
 # cannot_connect_now. Class 08 is connection_exception.
@@ -31,11 +40,14 @@ _PREFLIGHT_READS = 8
 _cursor_ids = itertools.count(1)
 
 
-def context_statement(context: Context, timeout_ms: int | None = None) -> Statement:
-    """Transaction-local clinic and actor ('' = none, so RLS fails closed), always sent."""
+def context_statement(
+    context: Context, timeout_ms: int | None = None, *, read_only: bool = False
+) -> Statement:
+    """Transaction-local clinic and actor ('' = none, so RLS fails closed), always sent;
+    `read_only` makes the rest of the implicit transaction unable to write."""
     if timeout_ms is None:
-        return Statement(_SET_CONTEXT, context.settings)
-    return Statement(_SET_CONTEXT_TIMEOUT, (*context.settings, str(timeout_ms)))
+        return Statement(_CONTEXT_TEXTS[read_only, False], context.settings)
+    return Statement(_CONTEXT_TEXTS[read_only, True], (*context.settings, str(timeout_ms)))
 
 
 def fetch_lsn() -> Statement:
@@ -98,6 +110,17 @@ def commit_outcome_unknown(sqlstate: str | None, query: str) -> CommitOutcomeUnk
     )
 
 
+def end_failed_transaction(conn: HcConnection) -> None:
+    """Roll back an explicit transaction a failed batch left aborted, before the connection
+    goes back to the pool; a connection that cannot be rolled back is closed instead."""
+    if conn.closed or conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.INERROR:
+        return
+    try:
+        pipeline.run(conn, [Statement("ROLLBACK")])
+    except (PipelineError, psycopg.Error):
+        conn.close()
+
+
 def run_or_translate(
     conn: HcConnection,
     statements: list[Statement],
@@ -127,32 +150,53 @@ def stream_rows(
     prefix: list[Statement],
     *,
     owns_tx: bool,
+    timeout_ms: int | None = None,
 ) -> Iterator[Any]:
     """Rows of a server-side cursor, fetched in chunks so memory stays flat.
 
     `owns_tx`: the caller has no transaction open, so BEGIN/COMMIT wrap the cursor here.
+    `timeout_ms`: a `-- timeout:` applied to each round trip of the cursor (inside a unit
+    of work, where it cannot be set for the whole transaction).
     """
     cursor = f"hc_cursor_{next(_cursor_ids)}"
-    fetch = Statement(f"FETCH FORWARD {STREAM_CHUNK} FROM {cursor}")
-    first = [
-        *prefix,
-        Statement(f"DECLARE {cursor} NO SCROLL CURSOR FOR {sql}", args, prepare=False),
-        fetch,
-    ]
+    # Cursor names are unique, so preparing their statements would only pile them up.
+    batch = [Statement(f"FETCH FORWARD {STREAM_CHUNK} FROM {cursor}", prepare=False)]
+    declare = Statement(f"DECLARE {cursor} NO SCROLL CURSOR FOR {sql}", args, prepare=False)
+    if timeout_ms is not None:
+        set_timeout, restore = timeout_statements(timeout_ms)
+        batch = [set_timeout, *batch, restore]
+    chunk_at = -2 if timeout_ms is not None else -1
     transformer = conn.transformer
-    results = run_or_translate(conn, first, plan.name, plan.source)
-    finished = False
     try:
+        results = run_or_translate(conn, [*prefix, declare, *batch], plan.name, plan.source)
         while True:
-            chunk = results[-1]
+            chunk = results[chunk_at]
             yield from plan.shape.build(chunk, transformer, plan.name, plan.source)
             if chunk.ntuples < STREAM_CHUNK:
                 break
-            results = run_or_translate(conn, [fetch], plan.name, plan.source)
-        finished = True
-    finally:
-        if not conn.closed:
-            closing = [Statement(f"CLOSE {cursor}", prepare=False)]
-            if owns_tx:
-                closing.append(Statement("COMMIT" if finished else "ROLLBACK"))
-            pipeline.run(conn, closing)
+            results = run_or_translate(conn, batch, plan.name, plan.source)
+    except BaseException:
+        _abandon_cursor(conn, cursor, owns_tx)
+        raise
+    closing = [Statement(f"CLOSE {cursor}", prepare=False)]
+    if owns_tx:
+        closing.append(Statement("COMMIT"))
+    run_or_translate(conn, closing, plan.name, plan.source)
+
+
+def _abandon_cursor(conn: HcConnection, cursor: str, owns_tx: bool) -> None:
+    """Clean up after a stream that failed or was dropped, without hiding why: a cleanup that
+    fails closes the connection (the pool discards it) rather than raise over the cause."""
+    if conn.closed:
+        return
+    if owns_tx:
+        cleanup = [Statement("ROLLBACK")]
+    elif conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+        return  # the unit of work's own rollback ends the cursor with the transaction
+    else:
+        cleanup = [Statement(f"CLOSE {cursor}", prepare=False)]
+    try:
+        pipeline.run(conn, cleanup)
+    except (PipelineError, psycopg.Error):
+        if owns_tx:
+            conn.close()

@@ -11,6 +11,7 @@ which is what makes a transaction-local `set_config` plus the query cost one rou
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -23,6 +24,9 @@ from psycopg.adapt import PyFormat, Transformer
 _BINARY = pq.Format.BINARY
 _FATAL = pq.ExecStatus.FATAL_ERROR
 _ABORTED = pq.ExecStatus.PIPELINE_ABORTED
+# "cached plan must not change result type": a prepared statement whose result columns a
+# schema change altered fails on every execution until it is prepared again.
+_STALE_PLAN = b"0A000"
 
 
 class Statement(NamedTuple):
@@ -32,6 +36,10 @@ class Statement(NamedTuple):
     params: Sequence[Any] = ()
     sync_after: bool = False
     prepare: bool = True
+
+    def __repr__(self) -> str:
+        # Parameters may be PHI, and tools that print frame locals print this repr.
+        return f"Statement({self.sql!r}, <{len(self.params)} parameters>)"
 
 
 class HcConnection(psycopg.Connection[Any]):
@@ -43,6 +51,9 @@ class HcConnection(psycopg.Connection[Any]):
         else:
             super().__init__(pgconn, row_factory)
         self.prepared: dict[tuple[str, tuple[int, ...]], bytes] = {}
+        # Names are never reused: a statement forgotten here may still exist on the server
+        # (a stale plan), and one whose PREPARE failed may sit below names that are live.
+        self.statement_ids = itertools.count()
         self.named_statements = True
         self.transformer = Transformer.from_context(self)
 
@@ -92,7 +103,7 @@ def run(conn: HcConnection, statements: Sequence[Statement]) -> list[pq.abc.PGre
             if statement.prepare and conn.named_statements:
                 name = conn.prepared.get(key)
                 if name is None:
-                    name = f"hc_{len(conn.prepared)}".encode()
+                    name = f"hc_{next(conn.statement_ids)}".encode()
                     conn.prepared[key] = name
                     pgconn.send_prepare(name, statement.sql.encode(), param_types=types or None)
                     replies.append((_PREPARE, key, index))
@@ -135,8 +146,10 @@ def _collect(conn: HcConnection, replies: list[_Reply]) -> list[pq.abc.PGresult]
                 conn.wait(generators.fetch_many(pgconn))
             continue
         if status in (_FATAL, _ABORTED):
-            if kind == _PREPARE and key:
-                conn.prepared.pop(key, None)  # the server holds no statement by that name
+            if key and (kind == _PREPARE or _stale_plan(last)):
+                # Either the server holds no statement by that name, or it holds one that
+                # can never run again: the next call prepares it afresh, under a new name.
+                conn.prepared.pop(key, None)
             if status == _FATAL and failure is None:
                 failure = PipelineError(_error(last, conn), position)
         if kind == _EXECUTE:
@@ -144,6 +157,10 @@ def _collect(conn: HcConnection, replies: list[_Reply]) -> list[pq.abc.PGresult]
     if failure is not None:
         raise failure
     return results
+
+
+def _stale_plan(result: pq.abc.PGresult) -> bool:
+    return result.error_field(pq.DiagnosticField.SQLSTATE) == _STALE_PLAN
 
 
 def _error(result: pq.abc.PGresult, conn: HcConnection) -> psycopg.Error:

@@ -12,7 +12,7 @@ import inspect
 import string
 import sys
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from time import perf_counter
 from typing import Any, ClassVar, NamedTuple, ParamSpec, Protocol, TypeVar
@@ -26,6 +26,7 @@ from hcrepo.errors import (
     PageSizeExceeded,
     SqlFileError,
     TenantContextMissing,
+    detached,
 )
 from hcrepo.observer import Observer
 from hcrepo.results import Shape, shape_for
@@ -305,8 +306,9 @@ def _template_fields(template: str) -> list[str]:
 
 def _method(plan: Plan, declared: Callable[..., Any]) -> Callable[..., Any]:
     bind = plan.bind
+    streams = plan.shape.streams
 
-    def method(self: Repository, **kwargs: Any) -> Any:
+    def call(self: Repository, kwargs: dict[str, Any]) -> Any:
         args, sql = bind(kwargs)
         runner = self._runner
         started = perf_counter()
@@ -321,8 +323,39 @@ def _method(plan: Plan, declared: Callable[..., Any]) -> Callable[..., Any]:
         finally:
             runner.observer.finished(plan, perf_counter() - started)
 
+    def method(self: Repository, **kwargs: Any) -> Any:
+        # The public boundary: errors leave without hcrepo's frames (they hold the arguments)
+        # or the driver errors they were translated from (see errors.detached).
+        try:
+            result = call(self, kwargs)
+        except Exception as error:
+            failure = error
+        else:
+            return _detaching(result) if streams else result
+        raise detached(failure)
+
     method.__name__ = declared.__name__
     method.__qualname__ = declared.__qualname__
     method.__doc__ = declared.__doc__
     method.__wrapped__ = declared  # type: ignore[attr-defined]
     return method
+
+
+def _detaching(rows: Iterator[Any]) -> Iterator[Any]:
+    """A stream's rows, with errors raised while reading them detached like a call's."""
+    try:
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except Exception as error:
+                failure = error
+            else:
+                yield row
+                continue
+            raise detached(failure)
+    finally:
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()  # dropped early: the cursor is cleaned up now, not when collected

@@ -20,9 +20,9 @@ from typing import Any
 
 from psycopg import pq
 from psycopg.abc import Transformer
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
-from hcrepo.errors import NotFound, QueryError, TooManyRows
+from hcrepo.errors import InvalidRow, NotFound, QueryError, TooManyRows
 
 RowMaker = Callable[[Sequence[Any]], Any]
 
@@ -66,7 +66,27 @@ class RowType:
         # pydantic-core validates a dict in about 1.3 µs for a ten-field model, measured
         # faster than model_construct (3.3 µs): every row is validated, nothing is trusted.
         validator = model.__pydantic_validator__.validate_python
-        return lambda values: validator(dict(zip(names, values, strict=True)))
+
+        def make(values: Sequence[Any]) -> Any:
+            try:
+                return validator(dict(zip(names, values, strict=True)))
+            except ValidationError as exc:
+                problems = _rules_broken(exc)
+            # Raised outside the handler: pydantic's error shows the input (the value).
+            raise InvalidRow(f"a row does not fit {model.__name__}: {problems}",
+                             query=query, source=source)
+
+        return make
+
+
+def _rules_broken(exc: ValidationError) -> str:
+    """Field and rule of each failure, e.g. "ssn: string_too_long"; never the input, and not
+    pydantic's message either, which a custom validator may have written with the value."""
+    found = exc.errors(include_url=False, include_context=False, include_input=False)
+    return "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or '(row)'}: {error['type']}"
+        for error in found
+    )
 
 
 def _first(values: Sequence[Any]) -> Any:

@@ -1,8 +1,8 @@
 """Which server answers: the primary for writes and units of work, a replica for plain reads.
 
 A read goes to a routable replica (breaker closed, role verified, lag within both maximums)
-chosen by HCREPO_ROUTING_POLICY; if the context carries a read-your-writes position, only to
-one that has replayed it (`hcrepo.consistency`), else to the primary. A read that fails on a
+chosen by HCREPO_ROUTING_POLICY; if the caller's block carries a read-your-writes position, only
+to one that has replayed it (`hcrepo.consistency`), else to the primary. A read that fails on a
 replica — connection lost, pool exhausted, or cancelled by a hot-standby conflict — is retried
 in the same call on the next replica and finally on the primary: the caller sees no error.
 With replicas configured but none routable, reads go to the primary; that degraded state is
@@ -19,14 +19,13 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 from loguru import logger
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from hcrepo import consistency, metrics
+from hcrepo import metrics
 from hcrepo.breaker import BreakerState
 from hcrepo.config import RoutingPolicy, Settings
 from hcrepo.counters import Counters
@@ -115,31 +114,32 @@ class Router:
 
     # -- routing -------------------------------------------------------------------------
 
-    def reader(self) -> Node:
-        """The node a read that cannot fail over (a stream) should use now."""
+    def reader(self, need: int) -> Node:
+        """The node a read that cannot fail over (a stream) should use now; `need` is the
+        replay position it must see (`consistency.replay_needed`, 0 for none)."""
         if self._monitor is None:
             self._ensure_monitor()
-        return next(self._candidates(consistency.required(self.cluster), self._routable))
+        return next(self._candidates(need, self._routable))
 
-    def read(self, attempt: Callable[[HcConnection], R]) -> R:
-        """Run the idempotent read `attempt(conn)`, failing over as the module describes.
+    def read(self, attempt: Callable[[HcConnection], R], need: int) -> R:
+        """Run the idempotent read `attempt(conn)` on a node that has replayed `need`,
+        failing over as the module describes.
 
         When even the primary lost the connection (a restart leaves dead sockets in the
         pool), its idle connections are checked and the read runs once more.
         """
         try:
-            return self._read(attempt)
+            return self._read(attempt, need)
         except ConnectionLost:
             self.primary.pool.check()
-            return self._read(attempt)
+            return self._read(attempt, need)
 
-    def _read(self, attempt: Callable[[HcConnection], R]) -> R:
+    def _read(self, attempt: Callable[[HcConnection], R], need: int) -> R:
         if self._monitor is None:
             self._ensure_monitor()
         if not self.replicas:
             # Nothing to choose; on the primary `_attempt` raises rather than returning _FAILED.
             return self._attempt(self.primary, attempt)  # type: ignore[return-value]
-        need = consistency.required(self.cluster)
         routable = self._routable
         if not routable:
             return self._failover(attempt, need, routable)
@@ -285,18 +285,6 @@ class Router:
         elif was_degraded and not degraded:
             logger.info("hcrepo: replica reads resumed ({})",
                         ", ".join(node.name for node in after))
-
-    # -- read-your-writes ----------------------------------------------------------------
-
-    def record_write(self, lsn: str) -> None:
-        """A commit at `lsn` happened in the current context (read-your-writes)."""
-        consistency.record(self.cluster, consistency.commit_end(consistency.parse_lsn(lsn)))
-
-    def token(self) -> str | None:
-        return consistency.token(self.cluster)
-
-    def read_after(self, token: str | None) -> AbstractContextManager[None]:
-        return consistency.awaiting(self.cluster, token)
 
     # -- introspection -------------------------------------------------------------------
 

@@ -2,20 +2,28 @@
 
 A file holds blocks that start with `-- name: <query>`; the comment lines right after it may
 carry directives (`-- timeout: 2s`, `-- order_by: sort = last_name, created_at`,
-`-- max_page: 200`, `-- kind: write`). Parameters are found with PostgreSQL's own lexer
-(pglast.scan), so casts, strings, comments, dollar quotes and `%` need no special cases, and are
-rewritten once to `$n` placeholders: hcrepo sends statements through libpq directly.
+`-- max_page: 200`, `-- kind: write`). A block is one SELECT (VALUES, set operations),
+INSERT, UPDATE, DELETE or MERGE: anything that outlives its transaction (SET, cursors,
+PREPARE, LISTEN, temporary objects, session advisory locks, set_config(..., false)) would stay
+on the pooled connection for the next clinic's request; transaction control, and the
+clinic, actor and role settings, are hcrepo's. A statement is a write when anything in its
+tree writes or locks rows.
+
+Parameters are found with PostgreSQL's own lexer (pglast.scan), so casts, strings, comments,
+dollar quotes and `%` need no special cases, and are rewritten once to `$n` placeholders:
+hcrepo sends statements through libpq directly.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from pglast import ast, parser, visitors
+from pglast import ast, enums, parser, visitors
 
 from hcrepo.errors import SqlFileError
 
@@ -25,6 +33,38 @@ _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
 _DURATION = re.compile(r"^(?P<amount>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|min)$")
 _DIRECTIVES = frozenset({"timeout", "order_by", "max_page", "kind"})
 _UNIT_MS = {"ms": 1.0, "s": 1000.0, "min": 60000.0}
+
+# What a block may hold: a statement whose effects end with its transaction.
+_QUERIES = (ast.SelectStmt, ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
+# Any of these anywhere in the tree (a sub-select, a CTE, a sub-link) makes a statement a write.
+_WRITES = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt, ast.LockingClause)
+_SESSION_STATE = "would leave session state on a pooled connection"
+_TRANSACTION_CONTROL = "transaction control belongs to the unit of work"
+_NOT_A_QUERY = "a query block holds one SELECT, INSERT, UPDATE, DELETE or MERGE"
+# Statements whose effect outlives the transaction on the server session, which the pool
+# hands to another clinic's request next.
+_SESSION_STATEMENTS = (
+    ast.VariableSetStmt, ast.DeclareCursorStmt, ast.FetchStmt, ast.ClosePortalStmt,
+    ast.PrepareStmt, ast.ExecuteStmt, ast.DeallocateStmt, ast.ListenStmt, ast.UnlistenStmt,
+    ast.DiscardStmt, ast.LoadStmt,
+)
+_KIND_NAMES: dict[type[ast.Node], str] = {
+    ast.CreateStmt: "CREATE TABLE", ast.ViewStmt: "CREATE VIEW", ast.IndexStmt: "CREATE INDEX",
+    ast.ClosePortalStmt: "CLOSE", ast.VariableShowStmt: "SHOW",
+}
+_TRANSACTION_NAMES = {
+    enums.TransactionStmtKind.TRANS_STMT_START: "START TRANSACTION",
+    enums.TransactionStmtKind.TRANS_STMT_PREPARE: "PREPARE TRANSACTION",
+}
+# Functions that take or drop session-level advisory locks: held past COMMIT, by the pool.
+_SESSION_LOCK_FUNCTIONS = frozenset({
+    "pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared", "pg_advisory_unlock", "pg_advisory_unlock_shared",
+    "pg_advisory_unlock_all",
+})
+# Settings that carry hcrepo's context for the transaction (and the roles RLS applies to).
+_CONTEXT_PREFIX = "app."
+_ROLE_SETTINGS = frozenset({"role", "session_authorization"})
 
 
 class OrderBy(NamedTuple):
@@ -148,6 +188,7 @@ def _compile(block: _Block, path: str) -> SqlQuery:
         raise fail(f"one statement per block, found {len(statements)}", block.body_line, 1)
     statement = statements[0].stmt
     assert statement is not None
+    _refuse_session_effects(statement, statements[0].stmt_location or 0, block, fail)
     is_write = _is_write(statement)
     forced_kind = block.directives.get("kind")
     if forced_kind is not None:
@@ -266,31 +307,114 @@ def _max_page_directive(block: _Block, fail: Any) -> int | None:
     return int(value)
 
 
-def _is_write(statement: ast.Node) -> bool:
-    """Read means a plain SELECT: no locking clause, no INTO, no data-modifying CTE."""
-    if not isinstance(statement, ast.SelectStmt):
-        return True
-    if statement.lockingClause or statement.intoClause is not None:
-        return True
-    return any(
-        not isinstance(cte.ctequery, ast.SelectStmt) or _is_write(cte.ctequery)
-        for cte in _ctes(statement)
+def _refuse_session_effects(statement: ast.Node, start: int, block: _Block, fail: Any) -> None:
+    """Only statements whose effects end with the transaction: a pooled connection goes to
+    another clinic's request next, and hcrepo (not the SQL) owns the transaction."""
+    refusal = _refusal(statement)
+    if refusal is not None:
+        kind, why = refusal
+        line, column = _position(block.body, start)
+        raise fail(f"{kind} is not allowed: {why}", block.body_line + line, column)
+    for node in _nodes(statement):
+        if not isinstance(node, ast.FuncCall):
+            continue
+        refused = _function_refusal(node)
+        if refused is not None:
+            line, column = _position(block.body, node.location or 0)
+            raise fail(f"{_function_name(node)}() {refused}", block.body_line + line, column)
+
+
+def _refusal(statement: ast.Node) -> tuple[str, str] | None:
+    """(statement kind, why) for a statement a query block may not hold, else None."""
+    if isinstance(statement, ast.SelectStmt) and statement.intoClause is not None:
+        return "SELECT INTO", _created_why(statement)
+    if isinstance(statement, _QUERIES):
+        return None
+    if isinstance(statement, ast.TransactionStmt):
+        kind = statement.kind
+        assert kind is not None  # the parser always sets it
+        name = _TRANSACTION_NAMES.get(kind) or kind.name.removeprefix("TRANS_STMT_")
+        return name.replace("_", " "), _TRANSACTION_CONTROL
+    if isinstance(statement, ast.VariableSetStmt):
+        if statement.kind in (enums.VariableSetKind.VAR_RESET,
+                              enums.VariableSetKind.VAR_RESET_ALL):
+            return "RESET", _SESSION_STATE
+        if statement.is_local or statement.name == "TRANSACTION":
+            return "SET LOCAL" if statement.is_local else "SET TRANSACTION", _TRANSACTION_CONTROL
+        return "SET", _SESSION_STATE
+    name = _KIND_NAMES.get(type(statement)) or re.sub(
+        r"(?<=[a-z])(?=[A-Z])", " ", type(statement).__name__.removesuffix("Stmt")
+    ).upper()
+    if isinstance(statement, _SESSION_STATEMENTS):
+        return name, _SESSION_STATE
+    return name, _created_why(statement)
+
+
+def _created_why(statement: ast.Node) -> str:
+    """A temporary object lives as long as the session; anything else is not a query."""
+    temporary = any(
+        isinstance(node, ast.RangeVar) and node.relpersistence == "t"
+        for node in _nodes(statement)
     )
+    return f"a temporary object {_SESSION_STATE}" if temporary else _NOT_A_QUERY
 
 
-def _ctes(statement: ast.SelectStmt) -> list[ast.CommonTableExpr]:
-    found: list[ast.CommonTableExpr] = []
-    if statement.withClause is not None:
-        found.extend(statement.withClause.ctes or ())
-    for branch in (statement.larg, statement.rarg):
-        if branch is not None:
-            found.extend(_ctes(branch))
-    return found
+def _function_name(call: ast.FuncCall) -> str:
+    return str(call.funcname[-1].sval) if call.funcname else ""
+
+
+def _function_refusal(call: ast.FuncCall) -> str | None:
+    """Why a block may not call this function (session locks, hcrepo's settings), or None."""
+    name = _function_name(call)
+    if name in _SESSION_LOCK_FUNCTIONS:
+        return f"{_SESSION_STATE} (use pg_advisory_xact_lock)"
+    if name != "set_config":
+        return None
+    args = call.args or ()
+    setting = _literal(args[0]) if args else None
+    if not isinstance(setting, str) or _is_context_setting(setting.lower()):
+        return ("may change the clinic, actor or role hcrepo set for the transaction "
+                "(name the setting literally, outside app.*)")
+    if len(args) != 3 or _literal(args[2]) is not True:
+        return f"{_SESSION_STATE} (pass is_local = true)"
+    return None
+
+
+def _is_context_setting(setting: str) -> bool:
+    return setting.startswith(_CONTEXT_PREFIX) or setting in _ROLE_SETTINGS
+
+
+def _literal(node: Any) -> str | bool | None:
+    """The value of a string or boolean constant; None for anything else."""
+    value = node.val if isinstance(node, ast.A_Const) else None
+    if isinstance(value, ast.String):
+        return str(value.sval)
+    if isinstance(value, ast.Boolean):
+        return bool(value.boolval)
+    return None
+
+
+def _nodes(root: ast.Node) -> Iterator[ast.Node]:
+    """Every node of a parse tree: sub-selects, CTEs, sub-links and expressions included."""
+    pending: list[Any] = [root]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, ast.Node):
+            yield item
+            pending.extend(getattr(item, member) for member in item)
+        elif isinstance(item, tuple):
+            pending.extend(item)
+
+
+def _is_write(statement: ast.Node) -> bool:
+    """Read means a SELECT with no locking clause and no data-modifying statement anywhere
+    in its tree (SELECT INTO is refused before this is asked)."""
+    return any(isinstance(node, _WRITES) for node in _nodes(statement))
 
 
 def _returns_rows(statement: ast.Node) -> bool:
     if isinstance(statement, ast.SelectStmt):
-        return statement.intoClause is None
+        return True
     returning = getattr(statement, "returningClause", None) or getattr(
         statement, "returningList", None
     )

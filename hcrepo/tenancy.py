@@ -1,17 +1,32 @@
-"""The ambient clinic and actor of the current request, carried by `contextvars`.
+"""The ambient clinic and actor, scoped to the `with` block that set them.
 
-Each context is immutable; nesting replaces the whole value and restores the outer one on exit,
-so threads and generators see exactly the context that was current where they were started
-(hand work to another thread with `bind_context`, which copies it explicitly).
+A context is in force for the code that its `with db.context(...)` block runs, on the thread
+running it, and nowhere else. It is found by walking the caller's stack to the nearest frame
+that opened a block. contextvars cannot give that guarantee: a generator suspended inside its
+own block leaves a contextvar set for whoever consumes it, a thread-pool worker keeps it for
+its next task, and a WSGI thread for its next request. With the stack as the carrier:
+
+- a generator's block applies while the generator runs (inside its consumer's own block, the
+  generator's code still runs as the generator's context) and not while it is suspended;
+- a `@contextmanager` helper that wraps `db.context` gives the context to its `with` body, as
+  `ExitStack.enter_context` does: context-manager plumbing in `contextlib` is looked through;
+- another thread gets a context only through `bind_context`, which captures the block's scope.
+
+A block's scope also carries what travels with the request: its read-your-writes positions
+(shared by the blocks nested in it and the workers bound to it, dropped when the outermost
+block ends), the positions it was told to wait for, and the unit of work open in it.
 """
 
 from __future__ import annotations
 
-import contextvars
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, ParamSpec, TypeVar
+import contextlib
+import inspect
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from types import FrameType, MappingProxyType, TracebackType
+from typing import Any, ParamSpec, Protocol, TypeVar
 from uuid import UUID
 
 from hcrepo.errors import InvalidContext
@@ -26,8 +41,7 @@ class Context:
 
     clinic_id: UUID | None = None
     actor_id: UUID | None = None
-    # Every transaction sends these; rendering two UUIDs costs about 2 µs, so it is done once,
-    # when the context is made, not per transaction.
+    # Every transaction sends these, so they are rendered once, when the context is made.
     settings: tuple[str, str] = field(init=False, repr=False, compare=False)
     """The values of `app.clinic_id` / `app.actor_id`; '' means none (RLS fails closed)."""
 
@@ -41,18 +55,203 @@ def _as_setting(value: UUID | None) -> str:
 
 
 EMPTY = Context()
-_current: contextvars.ContextVar[Context] = contextvars.ContextVar("hcrepo_context", default=EMPTY)
-
 UNSET: Any = object()  # "not given": None means "no clinic"
 
 
+class Positions:
+    """Read-your-writes positions of one block (cluster -> LSN), shared with the blocks nested
+    in it and the workers bound to it. Recording takes a lock; reading does not."""
+
+    __slots__ = ("_lock", "_lsns")
+
+    def __init__(self) -> None:
+        self._lsns: Mapping[str, int] = MappingProxyType({})
+        self._lock = threading.Lock()
+
+    def get(self, cluster: str) -> int:
+        return self._lsns.get(cluster, 0)
+
+    def record(self, cluster: str, lsn: int) -> None:
+        with self._lock:
+            if self._lsns.get(cluster, 0) < lsn:
+                self._lsns = MappingProxyType({**self._lsns, cluster: lsn})
+
+
+class _Nowhere(Positions):
+    """Outside every block: a position recorded there belongs to nobody, so it is dropped."""
+
+    __slots__ = ()
+
+    def record(self, cluster: str, lsn: int) -> None:
+        return None
+
+
+class OpenUnit(Protocol):
+    """What a scope needs of the unit of work open in it."""
+
+    @property
+    def is_open(self) -> bool: ...
+
+
+NO_POSITIONS: Mapping[str, int] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """What is in force for the code one block runs."""
+
+    context: Context
+    writes: Positions
+    awaited: Mapping[str, int] = field(default_factory=lambda: NO_POSITIONS)
+    unit: OpenUnit | None = None
+
+    def required(self, cluster: str) -> int:
+        """The LSN this scope's reads must see on `cluster` (0: any replica will do)."""
+        return max(self.writes.get(cluster), self.awaited.get(cluster, 0))
+
+    def open_unit(self) -> OpenUnit | None:
+        unit = self.unit
+        return unit if unit is not None and unit.is_open else None
+
+
+ROOT = Scope(EMPTY, _Nowhere())
+
+# The scopes opened by each frame that is inside a block, innermost last. Frames are never
+# shared by two running threads, so each list is only ever changed by one thread at a time.
+_scopes: dict[FrameType, list[Scope]] = {}
+_CONTEXTLIB = contextlib.__file__
+
+
+def scope() -> Scope:
+    """The scope of the caller: the innermost block open on its stack (ROOT when none)."""
+    if not _scopes:
+        return ROOT
+    return _lookup(sys._getframe(1))
+
+
 def current() -> Context:
-    return _current.get()
+    """The caller's ambient context (EMPTY outside every block)."""
+    if not _scopes:
+        return EMPTY
+    return _lookup(sys._getframe(1)).context
+
+
+def _lookup(frame: FrameType | None) -> Scope:
+    while frame is not None:
+        held = _scopes.get(frame)
+        if held:
+            return held[-1]
+        frame = frame.f_back
+    return ROOT
+
+
+def _owner(frame: FrameType) -> FrameType:
+    """The frame whose code a block opened from `frame` covers: context-manager plumbing of
+    `contextlib` (ExitStack, the generator of a `@contextmanager`) is looked through."""
+    while True:
+        code = frame.f_code
+        back = frame.f_back
+        if back is None:
+            return frame
+        if code.co_filename == _CONTEXTLIB or (
+            code.co_flags & inspect.CO_GENERATOR and back.f_code.co_filename == _CONTEXTLIB
+        ):
+            frame = back
+            continue
+        return frame
+
+
+class Block:
+    """A `with` block that puts a scope in force; `derive` makes it from the outer scope.
+
+    `enter` takes the frame the block belongs to (the caller of `__enter__` by default);
+    entering the same block object twice is refused, as for any context manager here.
+    """
+
+    __slots__ = ("_derive", "_frame", "scope")
+
+    def __init__(self, derive: Callable[[Scope], Scope]) -> None:
+        self._derive = derive
+        self._frame: FrameType | None = None
+        self.scope: Scope = ROOT
+
+    def __enter__(self) -> Scope:
+        return self.enter(sys._getframe(1))
+
+    def enter(self, frame: FrameType) -> Scope:
+        if self._frame is not None:
+            raise RuntimeError("a context block is entered once")
+        owner = _owner(frame)
+        self.scope = self._derive(_lookup(owner))
+        _scopes.setdefault(owner, []).append(self.scope)
+        self._frame = owner
+        return self.scope
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.exit()
+
+    def exit(self) -> None:
+        frame, self._frame = self._frame, None
+        if frame is not None:
+            _unregister(frame, self.scope)
+
+
+def _unregister(frame: FrameType, scope: Scope) -> None:
+    held = _scopes.get(frame)
+    if held is None:
+        return
+    for index in range(len(held) - 1, -1, -1):
+        if held[index] is scope:
+            del held[index]
+            break
+    if not held:
+        _scopes.pop(frame, None)
+
+
+class ContextBlock:
+    """`with db.context(...) as context:` — the context made ambient for the block."""
+
+    __slots__ = ("_actor_id", "_block", "_clinic_id")
+
+    def __init__(self, clinic_id: object = UNSET, actor_id: object = UNSET) -> None:
+        # Checked now: a bad id is refused where it is written, not where it is used.
+        self._clinic_id = clinic_id if clinic_id is UNSET else _as_uuid(clinic_id, "clinic_id")
+        self._actor_id = actor_id if actor_id is UNSET else _as_uuid(actor_id, "actor_id")
+        self._block = Block(self._derive)
+
+    def _derive(self, outer: Scope) -> Scope:
+        context = Context(
+            outer.context.clinic_id if self._clinic_id is UNSET else self._clinic_id,
+            outer.context.actor_id if self._actor_id is UNSET else self._actor_id,
+        )
+        writes = Positions() if isinstance(outer.writes, _Nowhere) else outer.writes
+        return replace(outer, context=context, writes=writes)
+
+    def __enter__(self) -> Context:
+        return self._block.enter(sys._getframe(1)).context
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._block.exit()
+
+
+def use(clinic_id: object = UNSET, actor_id: object = UNSET) -> ContextBlock:
+    """Make a context ambient for the block; fields not given are inherited from the outer one."""
+    return ContextBlock(clinic_id, actor_id)
 
 
 def resolve(clinic_id: object = UNSET, actor_id: object = UNSET) -> Context:
-    """The ambient context with explicit arguments taking precedence."""
-    ambient = _current.get()
+    """The caller's ambient context with explicit arguments taking precedence."""
+    ambient = _lookup(sys._getframe(1)).context if _scopes else EMPTY
     if clinic_id is UNSET and actor_id is UNSET:
         return ambient
     return Context(
@@ -61,23 +260,21 @@ def resolve(clinic_id: object = UNSET, actor_id: object = UNSET) -> Context:
     )
 
 
-@contextmanager
-def use(clinic_id: object = UNSET, actor_id: object = UNSET) -> Iterator[Context]:
-    """Make a context ambient for the block; fields not given are inherited from the outer one."""
-    context = resolve(clinic_id, actor_id)
-    token = _current.set(context)
-    try:
-        yield context
-    finally:
-        _current.reset(token)
-
-
 def bind_context(fn: Callable[P, R]) -> Callable[P, R]:
-    """Capture the caller's contextvars (clinic, actor, read-your-writes) for another thread."""
-    captured = contextvars.copy_context()
+    """Carry the caller's scope (clinic, actor, read-your-writes, open unit) to another thread.
+
+    The scope is captured now: a later change in the caller does not reach the bound call,
+    and a write made by the bound call is seen by the block that bound it.
+    """
+    captured = _lookup(sys._getframe(1)) if _scopes else ROOT
 
     def bound(*args: P.args, **kwargs: P.kwargs) -> R:
-        return captured.copy().run(fn, *args, **kwargs)
+        frame = sys._getframe()
+        _scopes.setdefault(frame, []).append(captured)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _unregister(frame, captured)
 
     return bound
 

@@ -10,21 +10,24 @@ while COMMIT was in flight the outcome is unknown (`CommitOutcomeUnknown`, never
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import itertools
+import sys
 import threading
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
 
 import psycopg
 
-from hcrepo import pipeline
+from hcrepo import pipeline, tenancy
 from hcrepo.driver_errors import translate
 from hcrepo.errors import (
     DatabaseError,
     HcrepoError,
+    InvalidContext,
+    detached,
 )
 from hcrepo.execution import (
     commit_outcome_unknown,
@@ -51,18 +54,19 @@ ISOLATION_LEVELS = {
 }
 
 
-open_unit: contextvars.ContextVar[UnitOfWork | None] = contextvars.ContextVar(
-    "hcrepo_unit_of_work", default=None
-)
+def isolation_level(isolation: object) -> str | None:
+    """The SQL name of an isolation level given as `serializable`, `read committed`, …"""
+    if isolation is None:
+        return None
+    key = isolation.lower().replace(" ", "_") if isinstance(isolation, str) else None
+    if key not in ISOLATION_LEVELS:
+        raise ValueError(f"isolation must be one of {', '.join(ISOLATION_LEVELS)}")
+    return ISOLATION_LEVELS[key]
 
 
 def begin_statement(isolation: str | None, read_only: bool) -> str:
-    text = "BEGIN"
-    if isolation is not None:
-        key = isolation.lower().replace(" ", "_")
-        if key not in ISOLATION_LEVELS:
-            raise ValueError(f"isolation must be one of {', '.join(ISOLATION_LEVELS)}")
-        text += f" ISOLATION LEVEL {ISOLATION_LEVELS[key]}"
+    level = isolation_level(isolation)
+    text = "BEGIN" if level is None else f"BEGIN ISOLATION LEVEL {level}"
     return text + (" READ ONLY" if read_only else "")
 
 
@@ -80,18 +84,19 @@ class UnitOfWork:
         isolation: str | None = None,
         read_only: bool = False,
         on_commit: Callable[[UnitOfWork], None] | None = None,
-        track_lsn: bool = False,
         observer: Observer | None = None,
     ) -> None:
         self.context = context
         self.observer = observer or Observer(slow_query_ms=0)
         self.read_only = read_only
+        self.isolation = isolation_level(isolation)
         self.wrote = False
         self.committed = False
         self.commit_lsn: str | None = None
+        self.positions: tenancy.Positions = tenancy.ROOT.writes
+        """The read-your-writes positions of the block the unit was opened in."""
         self._node = node
         self._begin = begin_statement(isolation, read_only)
-        self._track_lsn = track_lsn
         self._on_commit = on_commit
         self._hooks: list[Callable[[], None]] = []
         self._tags: list[tuple[Plan, tuple[Any, ...]]] = []
@@ -101,7 +106,7 @@ class UnitOfWork:
         self._thread = 0
         self._begun = False
         self._savepoints = itertools.count(1)
-        self._token: contextvars.Token[UnitOfWork | None] | None = None
+        self._block = tenancy.Block(self._scope)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -111,8 +116,14 @@ class UnitOfWork:
         self._checkout = self._node.connection()
         self._conn = self._checkout.__enter__()
         self._thread = threading.get_ident()
-        self._token = open_unit.set(self)
+        self._block.enter(sys._getframe(1))
         return self
+
+    def _scope(self, outer: tenancy.Scope) -> tenancy.Scope:
+        # Inside the block the unit's own context is ambient, so a `db.transaction` nested
+        # in it joins only when it asks for the same one.
+        self.positions = outer.writes
+        return replace(outer, context=self.context, unit=self)
 
     def __exit__(
         self,
@@ -121,15 +132,22 @@ class UnitOfWork:
         tb: TracebackType | None,
     ) -> None:
         try:
+            self._end(exc_type is None)
+        except Exception as error:
+            failure = error
+        else:
+            return
+        raise detached(failure)  # a public boundary, like a repository call's
+
+    def _end(self, commit: bool) -> None:
+        try:
             self._close_streams()
-            if exc_type is None:
+            if commit:
                 self._commit()
             else:
                 self._rollback()
         finally:
-            if self._token is not None:
-                open_unit.reset(self._token)
-                self._token = None
+            self._block.exit()
             checkout, self._checkout, self._conn = self._checkout, None, None
             checkout.__exit__(None, None, None)
         if self.committed:
@@ -145,14 +163,35 @@ class UnitOfWork:
         return self.context
 
     @property
+    def is_open(self) -> bool:
+        return self._conn is not None
+
+    @property
     def joinable(self) -> bool:
         """Open, and owned by the calling thread: `Database.transaction` may run inside it."""
         return self._conn is not None and self._thread == threading.get_ident()
 
+    def check_join(self, context: tenancy.Context, isolation: str | None,
+                   read_only: bool) -> None:
+        """Refuse a nested `Database.transaction` that asks for what this unit is not: it
+        would otherwise run silently as this unit's clinic, actor and options."""
+        for name in ("clinic_id", "actor_id"):
+            if getattr(context, name) != getattr(self.context, name):
+                raise InvalidContext(
+                    f"db.transaction inside an open unit of work joins it, and the unit runs "
+                    f"with another {name}: run it outside the unit of work"
+                )
+        if isolation_level(isolation) not in (None, self.isolation):
+            raise InvalidContext("db.transaction inside an open unit of work joins it, and "
+                                 "the unit runs at another isolation level")
+        if read_only and not self.read_only:
+            raise InvalidContext("db.transaction(read_only=True) inside an open unit of work "
+                                 "that can write: run it outside the unit of work")
+
     @property
     def token(self) -> str | None:
         """Read-your-writes token of this unit's COMMIT (see `Database.read_after`); None
-        before commit, for a unit that wrote nothing, or when no replicas are configured."""
+        before commit and for a read-only unit."""
         return self.commit_lsn
 
     @property
@@ -174,7 +213,8 @@ class UnitOfWork:
                 # first consumed would otherwise run outside the transaction and context.
                 self._send([], plan)
             rows = cast(Generator[Any, None, None],
-                        stream_rows(conn, plan, args, sql, [], owns_tx=False))
+                        stream_rows(conn, plan, args, sql, [], owns_tx=False,
+                                    timeout_ms=plan.query.timeout_ms))
             self._streams.append(rows)
             return self._guarded(rows, conn)
         if plan.query.timeout_ms is None:
@@ -194,13 +234,15 @@ class UnitOfWork:
         """A nested savepoint: an exception inside rolls back to it and propagates."""
         name = f"hc_sp_{next(self._savepoints)}"
         self._send([Statement(f"SAVEPOINT {name}")], None)
-        saved_tags = len(self._tags)
+        saved_tags, saved_hooks = len(self._tags), len(self._hooks)
         try:
             yield self
         except BaseException:
             if self._conn is not None and not self._conn.closed:
                 self._send([Statement(f"ROLLBACK TO SAVEPOINT {name}")], None)
+            # What was rolled back neither invalidates nor runs its after-commit hooks.
             del self._tags[saved_tags:]
+            del self._hooks[saved_hooks:]
             raise
         self._send([Statement(f"RELEASE SAVEPOINT {name}")], None)
 
@@ -259,7 +301,9 @@ class UnitOfWork:
         conn = self._connection
         ensure_open(conn)  # nothing sent yet: a connection found dead here is retryable
         statements = [Statement("COMMIT", sync_after=True)]
-        if self._track_lsn and self.wrote:
+        if not self.read_only:
+            # Always, not only after a write-classified statement: a read can write through a
+            # function, and the position is what the caller's next reads must see.
             statements.append(fetch_lsn())
         try:
             results = pipeline.run(conn, statements)

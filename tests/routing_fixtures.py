@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from types import MappingProxyType
 
 import psycopg
 import pytest
 
-from hcrepo import consistency
 from hcrepo.embedded import PostgresServer
 from tests.plugins.servers import WaitReplayed
 from tests.routing_support import DBNAME, TABLE, Cluster, LogSink
@@ -32,18 +30,7 @@ def routing_schema(
 
 
 @pytest.fixture
-def fresh_positions() -> Iterator[None]:
-    """Start with no read-your-writes position: the test thread's context outlives a test."""
-    written = consistency._written.set(MappingProxyType({}))
-    awaited = consistency._awaited.set(MappingProxyType({}))
-    yield
-    consistency._awaited.reset(awaited)
-    consistency._written.reset(written)
-
-
-@pytest.fixture
 def cluster(
-    fresh_positions: None,
     routing_schema: None,
     pg_primary: PostgresServer,
     pg_replicas: list[PostgresServer],

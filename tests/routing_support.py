@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import contextvars
 import socket
 import threading
 import time
@@ -22,7 +21,7 @@ import psycopg
 from loguru import logger
 from pydantic import BaseModel
 
-from hcrepo import Database, Repository, Settings, query
+from hcrepo import Database, Repository, Settings, query, tenancy
 from hcrepo.embedded import PostgresServer
 from hcrepo.node import Node
 from tests.plugins.servers import WaitReplayed
@@ -151,10 +150,9 @@ def pool_settled(node: Node) -> bool:
 
 
 def ports(db: Database, reads: int) -> collections.Counter[int]:
-    """Which servers answered `reads` plain reads made in an empty context (no token)."""
-    return contextvars.Context().run(
-        lambda: collections.Counter(Routing(db).where_am_i() for _ in range(reads))
-    )
+    """Which servers answered `reads` plain reads made outside every block (no token)."""
+    with tenancy.Block(lambda outer: tenancy.ROOT):
+        return collections.Counter(Routing(db).where_am_i() for _ in range(reads))
 
 
 class LogSink:

@@ -3,7 +3,6 @@ hot-standby conflict cancels a replica read. Callers must see no error either wa
 
 from __future__ import annotations
 
-import contextvars
 import threading
 import time
 from collections import Counter
@@ -67,10 +66,9 @@ class Load:
 
     def _work(self) -> None:
         self._barrier.wait(30)
-        context = contextvars.Context()  # plain reads: no read-your-writes position
         while not self._stop.is_set():
             try:
-                port = context.run(self._read)
+                port = self._read()  # a thread of its own: no read-your-writes position
             except Exception as exc:
                 with self._lock:
                     self.attempted += 1

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
+import psycopg
 import pytest
 from pydantic import BaseModel
 
@@ -52,9 +53,6 @@ class Shapes(Repository, sql="sql/shapes.sql", tenant=False):
 
     @query("labels_as_text")
     def validated(self, *, n: int) -> list[Number]: ...
-
-    @query("create_scratch")
-    def create_scratch(self) -> None: ...
 
     @query("fill_scratch")
     def fill_scratch(self, *, n: int) -> int: ...
@@ -162,10 +160,21 @@ def test_rows_are_validated_by_the_model(shapes: Shapes) -> None:
     assert shapes.validated(n=1) == [Number(n=1, label="row 1")]
 
 
+@pytest.fixture
+def scratch_table(migrated_db: ServerDatabase) -> Iterator[None]:
+    """A table the application role may write (it may not create temporary ones)."""
+    with psycopg.connect(migrated_db.owner_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE hcrepo_scratch (n int NOT NULL)")
+        conn.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON hcrepo_scratch TO hcrepo_app")
+    yield
+    with psycopg.connect(migrated_db.owner_url, autocommit=True) as conn:
+        conn.execute("DROP TABLE hcrepo_scratch")
+
+
+@pytest.mark.usefixtures("scratch_table")
 def test_rowcounts_none_and_scalar_or_none_in_a_unit_of_work(db: Database) -> None:
     with db.unit_of_work(actor_id=uuid.uuid4()) as uow:
         scratch = Shapes(uow)
-        assert scratch.create_scratch() is None
         assert scratch.fill_scratch(n=5) == 5
         assert scratch.bump_scratch(upto=3) == 3
         assert scratch.bump_scratch(upto=0) == 0

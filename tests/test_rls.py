@@ -8,6 +8,7 @@ So a table added later without row-level security fails the suite either way.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from typing import Any
 from uuid import UUID
@@ -272,6 +273,11 @@ def test_clinics_directory_is_readable_but_only_the_own_clinic_is_writable(
         "DELETE FROM encounters",
         "DELETE FROM clinics",
         "DROP TABLE patients",
+        "INSERT INTO users (email, full_name, role) VALUES ('x@example.invalid', 'X', 'admin')",
+        "UPDATE users SET email = 'x@example.invalid'",
+        "UPDATE users SET role = 'admin'",
+        "CREATE TEMP VIEW carried AS SELECT 1",
+        "SELECT 1 AS n INTO TEMP carried",
     ],
 )
 def test_app_role_cannot_lift_isolation(
@@ -321,7 +327,7 @@ def test_app_role_has_only_the_table_privileges_it_needs(
     read_write = "INSERT,SELECT,UPDATE"
     expected = {
         "clinics": read_write,
-        "users": read_write,
+        "users": "SELECT",
         "clinic_memberships": "DELETE,INSERT,SELECT,UPDATE",
         "patients": read_write,
         "providers": read_write,
@@ -330,6 +336,13 @@ def test_app_role_has_only_the_table_privileges_it_needs(
         "prescriptions": read_write,
     }
     assert {table: granted.get(table) for table in expected} == expected
+    columns = super_conn.execute(
+        "SELECT table_name, column_name, privilege_type FROM information_schema.column_privileges"
+        " WHERE grantee = %s AND table_name = 'users' AND privilege_type <> 'SELECT'"
+        " ORDER BY column_name",
+        [migrate.APP_ROLE],
+    ).fetchall()
+    assert columns == [("users", "active", "UPDATE"), ("users", "full_name", "UPDATE")]
 
 
 def test_isolation_holds_on_a_replica(
@@ -345,3 +358,126 @@ def test_isolation_holds_on_a_replica(
         _set_clinic(conn, seeded.b.id)
         rows = conn.execute("SELECT id FROM patients").fetchall()
     assert sorted(row[0] for row in rows) == sorted(seeded.b.patient_ids)
+
+
+# --- the staff directory ------------------------------------------------------------------
+
+
+def _staff_member_of(super_conn: psycopg.Connection[Any], *clinics: UUID) -> UUID:
+    """A new user with a membership in each of `clinics`, written by the superuser."""
+    row = super_conn.execute(
+        "INSERT INTO users (email, full_name, role) VALUES (%s, 'Shared Nurse', 'nurse')"
+        " RETURNING id",
+        [f"nurse-{uuid.uuid4().hex[:10]}@example.invalid"],
+    ).fetchone()
+    assert row is not None
+    for clinic in clinics:
+        super_conn.execute(
+            "INSERT INTO clinic_memberships (clinic_id, user_id, role) VALUES (%s, %s, 'nurse')",
+            [clinic, row[0]],
+        )
+    return UUID(str(row[0]))
+
+
+def test_a_clinic_sees_only_its_own_staff(
+    seeded: Seed, app_conn: psycopg.Connection[Any], super_conn: psycopg.Connection[Any]
+) -> None:
+    doctor = seeded.b.user_ids[0]
+    _set_clinic(app_conn, seeded.a.id)
+    assert app_conn.execute("SELECT email FROM users WHERE id = %s", [doctor]).fetchall() == []
+    deactivate = app_conn.execute("UPDATE users SET active = false WHERE id = %s", [doctor])
+    assert deactivate.rowcount == 0
+    members = super_conn.execute(
+        "SELECT user_id FROM clinic_memberships WHERE clinic_id = %s", [seeded.a.id]
+    ).fetchall()
+    visible = app_conn.execute("SELECT id FROM users").fetchall()
+    assert sorted(visible) == sorted(members)
+    assert super_conn.execute(
+        "SELECT active FROM users WHERE id = %s", [doctor]
+    ).fetchone() == (True,)
+    _set_clinic(app_conn, None)
+    assert app_conn.execute("SELECT count(*) FROM users").fetchone() == (0,)
+
+
+def test_a_user_of_two_clinics_is_visible_in_both(
+    seeded: Seed, app_conn: psycopg.Connection[Any], super_conn: psycopg.Connection[Any]
+) -> None:
+    nurse = _staff_member_of(super_conn, seeded.a.id, seeded.b.id)
+    try:
+        for clinic, seen in ((seeded.a, [(nurse,)]), (seeded.b, [(nurse,)]), (seeded.c, [])):
+            with app_conn.transaction():
+                _set_clinic(app_conn, clinic.id)
+                found = app_conn.execute("SELECT id FROM users WHERE id = %s", [nurse])
+                assert found.fetchall() == seen, clinic.name
+    finally:
+        super_conn.execute("DELETE FROM clinic_memberships WHERE user_id = %s", [nurse])
+        super_conn.execute("DELETE FROM users WHERE id = %s", [nurse])
+
+
+def test_onboarding_creates_the_user_and_its_membership_in_the_clinic(
+    seeded: Seed, app_conn: psycopg.Connection[Any]
+) -> None:
+    email = f"new-{uuid.uuid4().hex[:10]}@example.invalid"
+    _set_clinic(app_conn, seeded.c.id)
+    row = app_conn.execute(
+        "SELECT id, email, role FROM onboard_staff(%s, 'New Nurse', 'nurse')", [email]
+    ).fetchone()
+    assert row is not None and row[1:] == (email, "nurse")
+    member = app_conn.execute(
+        "SELECT clinic_id, role FROM clinic_memberships WHERE user_id = %s", [row[0]]
+    ).fetchall()
+    assert member == [(seeded.c.id, "nurse")]
+    assert app_conn.execute("SELECT count(*) FROM users WHERE id = %s", [row[0]]).fetchone() == (
+        1,)
+
+
+@pytest.mark.parametrize("clinic", ["", None])
+def test_onboarding_is_refused_without_a_clinic(
+    clinic: str | None, app_conn: psycopg.Connection[Any]
+) -> None:
+    if clinic is not None:
+        _set_clinic(app_conn, clinic)
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="needs a clinic"):
+        app_conn.execute("SELECT * FROM onboard_staff('none@example.invalid', 'No One', 'nurse')")
+
+
+def test_onboarding_an_existing_email_never_attaches_that_account(
+    seeded: Seed, app_conn: psycopg.Connection[Any], super_conn: psycopg.Connection[Any]
+) -> None:
+    doctor = seeded.b.user_ids[0]
+    email = super_conn.execute("SELECT email FROM users WHERE id = %s", [doctor]).fetchone()
+    assert email is not None
+    _set_clinic(app_conn, seeded.a.id)
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        app_conn.execute("SELECT * FROM onboard_staff(%s, 'Taken Over', 'admin')", [email[0]])
+    app_conn.rollback()
+    assert super_conn.execute(
+        "SELECT clinic_id FROM clinic_memberships WHERE user_id = %s", [doctor]
+    ).fetchall() == [(seeded.b.id,)]
+
+
+def test_onboard_staff_is_a_locked_down_definer_function(
+    super_conn: psycopg.Connection[Any],
+) -> None:
+    row = super_conn.execute(
+        "SELECT p.prosecdef, p.proowner::regrole::text, p.proconfig,"
+        " has_function_privilege(%s, p.oid, 'EXECUTE'),"
+        " has_function_privilege('public', p.oid, 'EXECUTE')"
+        " FROM pg_proc p WHERE p.oid = 'onboard_staff(text, text, text)'::regprocedure",
+        [migrate.APP_ROLE],
+    ).fetchone()
+    assert row == (True, migrate.OWNER_ROLE, ["search_path=pg_catalog, pg_temp"], True, False)
+
+
+# --- nothing a pooled connection keeps carries data to the next clinic --------------------
+
+
+def test_app_role_cannot_create_temporary_tables(
+    app_conn: psycopg.Connection[Any], super_conn: psycopg.Connection[Any]
+) -> None:
+    assert super_conn.execute(
+        "SELECT has_database_privilege(%s, current_database(), 'TEMP')", [migrate.APP_ROLE]
+    ).fetchone() == (False,)
+    with pytest.raises(psycopg.errors.InsufficientPrivilege) as refused:
+        app_conn.execute("CREATE TEMP TABLE carried AS SELECT id FROM patients")
+    assert refused.value.sqlstate == "42501"

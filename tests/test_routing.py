@@ -182,9 +182,9 @@ def test_stale_cache_is_refreshed_on_demand_once_caught_up(cluster: Cluster) -> 
     router.monitor.check_now()
     with writer(db):
         new_id = Routing(db).add_note(note="refresh me")
-    cluster.catch_up()
-    # The monitor has not run since the write: only an on-demand refresh can admit a replica.
-    with writer(db):
+        cluster.catch_up()
+        # The monitor has not run since the write: only an on-demand refresh can admit a
+        # replica.
         found = Routing(db).find_note(id=new_id)
     assert found.note == "refresh me"
     assert found.port in {replica.port for replica in cluster.replicas}

@@ -131,17 +131,35 @@ def test_comments_and_blank_lines_around_blocks() -> None:
         ("WITH n AS (INSERT INTO t DEFAULT VALUES RETURNING id) SELECT id FROM n", True, True),
         ("WITH u AS (UPDATE t SET a = 1 RETURNING id) SELECT 1 UNION SELECT id FROM u",
          True, True),
-        ("SELECT id INTO new_table FROM t", True, False),
         ("INSERT INTO t (a) VALUES (1) RETURNING id", True, True),
         ("INSERT INTO t (a) VALUES (1)", True, False),
         ("UPDATE t SET a = 1", True, False),
         ("DELETE FROM t WHERE id = 1 RETURNING id", True, True),
         ("SELECT pg_sleep(0) -- select", False, True),
+        ("MERGE INTO t USING u ON t.id = u.id WHEN MATCHED THEN DELETE", True, False),
+        ("SELECT s.id FROM (SELECT id FROM t FOR UPDATE) AS s", True, True),
+        ("SELECT id FROM t WHERE id IN (SELECT id FROM u FOR UPDATE)", True, True),
+        ("SELECT id FROM t WHERE EXISTS (SELECT FROM u WHERE u.id = t.id FOR SHARE)", True, True),
+        ("SELECT (SELECT id FROM u FOR NO KEY UPDATE LIMIT 1) AS id", True, True),
+        ("SELECT id FROM t JOIN LATERAL (SELECT 1 FROM u FOR KEY SHARE) AS l ON true",
+         True, True),
+        ("WITH x AS (SELECT id FROM t FOR UPDATE) SELECT id FROM x", True, True),
+        ("WITH a AS (WITH b AS (DELETE FROM t RETURNING id) SELECT id FROM b) SELECT id FROM a",
+         True, True),
+        ("SELECT id FROM t UNION SELECT id FROM (SELECT id FROM u FOR UPDATE) AS s", True, True),
+        ("INSERT INTO t (id) SELECT id FROM u", True, False),
+        ("SELECT id FROM t WHERE id IN (SELECT id FROM u WHERE id IN (SELECT id FROM v))",
+         False, True),
     ],
 )
 def test_read_or_write(sql: str, is_write: bool, returns_rows: bool) -> None:
     q = one(f"-- name: q\n{sql}")
     assert (q.is_write, q.returns_rows) == (is_write, returns_rows)
+
+
+def test_a_write_nested_anywhere_cannot_be_declared_a_read() -> None:
+    found = error("-- name: a\n-- kind: read\nSELECT s.id FROM (SELECT id FROM t FOR UPDATE) s")
+    assert str(found).endswith(": kind: read on a statement that writes")
 
 
 def test_kind_write_forces_a_select_to_the_primary() -> None:
@@ -205,6 +223,120 @@ def test_file_errors(text: str, line: int, message: str) -> None:
     assert found.line == line
     assert str(found).endswith(": " + message)
     assert str(found).startswith(f"f.sql:{line}")
+
+
+# --- only statements whose effects end with their transaction ------------------------------
+
+SESSION = "would leave session state on a pooled connection"
+TRANSACTION = "transaction control belongs to the unit of work"
+NOT_A_QUERY = "a query block holds one SELECT, INSERT, UPDATE, DELETE or MERGE"
+
+
+@pytest.mark.parametrize(
+    ("sql", "kind", "why"),
+    [
+        ("DECLARE c CURSOR WITH HOLD FOR SELECT id FROM t", "DECLARE CURSOR", SESSION),
+        ("DECLARE c NO SCROLL CURSOR FOR SELECT id FROM t", "DECLARE CURSOR", SESSION),
+        ("FETCH 10 FROM c", "FETCH", SESSION),
+        ("CLOSE c", "CLOSE", SESSION),
+        ("SET search_path = evil", "SET", SESSION),
+        ("SET SESSION statement_timeout = 0", "SET", SESSION),
+        ("SET ROLE hcrepo_owner", "SET", SESSION),
+        ("RESET app.clinic_id", "RESET", SESSION),
+        ("RESET ALL", "RESET", SESSION),
+        ("PREPARE p AS SELECT 1", "PREPARE", SESSION),
+        ("EXECUTE p", "EXECUTE", SESSION),
+        ("DEALLOCATE ALL", "DEALLOCATE", SESSION),
+        ("LISTEN channel", "LISTEN", SESSION),
+        ("UNLISTEN *", "UNLISTEN", SESSION),
+        ("DISCARD ALL", "DISCARD", SESSION),
+        ("LOAD 'auto_explain'", "LOAD", SESSION),
+        ("CREATE TEMP TABLE carried AS SELECT id FROM patients", "CREATE TABLE AS",
+         f"a temporary object {SESSION}"),
+        ("CREATE TEMPORARY TABLE carried (id uuid)", "CREATE TABLE",
+         f"a temporary object {SESSION}"),
+        ("CREATE TEMP VIEW carried AS SELECT 1", "CREATE VIEW", f"a temporary object {SESSION}"),
+        ("SELECT id INTO TEMP carried FROM patients", "SELECT INTO",
+         f"a temporary object {SESSION}"),
+        ("SELECT id INTO kept FROM patients", "SELECT INTO", NOT_A_QUERY),
+        ("BEGIN", "BEGIN", TRANSACTION),
+        ("START TRANSACTION", "START TRANSACTION", TRANSACTION),
+        ("COMMIT", "COMMIT", TRANSACTION),
+        ("END", "COMMIT", TRANSACTION),
+        ("ROLLBACK", "ROLLBACK", TRANSACTION),
+        ("SAVEPOINT s", "SAVEPOINT", TRANSACTION),
+        ("RELEASE SAVEPOINT s", "RELEASE", TRANSACTION),
+        ("ROLLBACK TO SAVEPOINT s", "ROLLBACK TO", TRANSACTION),
+        ("PREPARE TRANSACTION 'x'", "PREPARE TRANSACTION", TRANSACTION),
+        ("COMMIT PREPARED 'x'", "COMMIT PREPARED", TRANSACTION),
+        ("SET LOCAL app.clinic_id = 'x'", "SET LOCAL", TRANSACTION),
+        ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", "SET TRANSACTION", TRANSACTION),
+        ("CREATE TABLE kept (id uuid)", "CREATE TABLE", NOT_A_QUERY),
+        ("CREATE INDEX ON patients (mrn)", "CREATE INDEX", NOT_A_QUERY),
+        ("ALTER TABLE patients DISABLE ROW LEVEL SECURITY", "ALTER TABLE", NOT_A_QUERY),
+        ("DROP TABLE patients", "DROP", NOT_A_QUERY),
+        ("TRUNCATE patients", "TRUNCATE", NOT_A_QUERY),
+        ("GRANT SELECT ON patients TO PUBLIC", "GRANT", NOT_A_QUERY),
+        ("COPY patients TO STDOUT", "COPY", NOT_A_QUERY),
+        ("DO $$ BEGIN END $$", "DO", NOT_A_QUERY),
+        ("CALL p()", "CALL", NOT_A_QUERY),
+        ("LOCK TABLE patients", "LOCK", NOT_A_QUERY),
+        ("NOTIFY channel", "NOTIFY", NOT_A_QUERY),
+        ("EXPLAIN ANALYZE DELETE FROM patients", "EXPLAIN", NOT_A_QUERY),
+        ("SHOW search_path", "SHOW", NOT_A_QUERY),
+        ("VACUUM patients", "VACUUM", NOT_A_QUERY),
+    ],
+)
+def test_statements_that_outlive_their_transaction_are_refused(
+    sql: str, kind: str, why: str
+) -> None:
+    found = error(f"-- name: a\n-- timeout: 1s\n\n  -- leading comment\n  {sql}")
+    assert str(found) == f"f.sql:5:3 [a]: {kind} is not allowed: {why}"
+
+
+CONTEXT = ("may change the clinic, actor or role hcrepo set for the transaction "
+           "(name the setting literally, outside app.*)")
+
+
+@pytest.mark.parametrize(
+    ("sql", "column", "function", "why"),
+    [
+        ("SELECT set_config('search_path', 'evil', false)", 8, "set_config",
+         f"{SESSION} (pass is_local = true)"),
+        ("SELECT 1 FROM t WHERE pg_catalog.set_config('work_mem', :m, :local) = ''", 23,
+         "set_config", f"{SESSION} (pass is_local = true)"),
+        ("SELECT set_config('app.clinic_id', :other, true)", 8, "set_config", CONTEXT),
+        ("SELECT set_config('App.Actor_Id', :other, true)", 8, "set_config", CONTEXT),
+        ("SELECT set_config('role', 'hcrepo_owner', true)", 8, "set_config", CONTEXT),
+        ("SELECT set_config(:name, :value, true)", 8, "set_config", CONTEXT),
+        ("SELECT x FROM (SELECT pg_advisory_lock(:key) AS x) AS s", 23, "pg_advisory_lock",
+         f"{SESSION} (use pg_advisory_xact_lock)"),
+        ("UPDATE t SET a = 1 WHERE pg_try_advisory_lock_shared(1)", 26,
+         "pg_try_advisory_lock_shared", f"{SESSION} (use pg_advisory_xact_lock)"),
+        ("SELECT pg_advisory_unlock_all()", 8, "pg_advisory_unlock_all",
+         f"{SESSION} (use pg_advisory_xact_lock)"),
+    ],
+)
+def test_functions_that_change_the_session_or_the_context_are_refused(
+    sql: str, column: int, function: str, why: str
+) -> None:
+    found = error(f"-- name: a\n{sql}")
+    assert (found.line, found.column) == (2, column)
+    assert str(found).endswith(f"[a]: {function}() {why}")
+
+
+def test_transaction_local_settings_and_locks_are_allowed() -> None:
+    assert one("-- name: a\nSELECT set_config('work_mem', :v, true)").returns_rows
+    assert not one("-- name: a\nSELECT pg_advisory_xact_lock(:key)").is_write
+
+
+def test_every_shipped_and_test_sql_file_still_loads() -> None:
+    root = Path(__file__).parents[1]
+    files = sorted([*root.glob("sql/*.sql"), *root.glob("tests/sql/*.sql"),
+                    *root.glob("benchmarks/sql/*.sql")])
+    assert len(files) > 10
+    for path in files:
+        assert parse(path.read_text(encoding="utf-8"), str(path)), path
 
 
 def test_sql_before_the_first_block() -> None:

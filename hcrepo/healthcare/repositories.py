@@ -1,8 +1,9 @@
 """The healthcare repositories: one class per aggregate over the shipped sql/<aggregate>.sql.
 
-Every clinical repository is tenant-scoped: a call needs `db.context(clinic_id=...)` and sees
-only that clinic's rows (row-level security). Clinics and users are directories shared by all
-clinics. Methods marked `phi=True` read or write protected health information.
+Every repository but clinics is tenant-scoped: a call needs `db.context(clinic_id=...)` and
+sees only that clinic's rows (row-level security), staff accounts included (through their
+memberships). Clinics are a directory shared by all clinics. Methods marked `phi=True` read
+or write protected health information.
 
 The method bodies never run (the class replaces each with a call to its query), hence the
 file-level mypy setting below: `...` is the declaration, not a missing return.
@@ -62,7 +63,9 @@ class ClinicRepository(Repository, sql=str(SQL / "clinics.sql"), tenant=False):
         ...
 
 
-class UserRepository(Repository, sql=str(SQL / "users.sql"), tenant=False):
+class UserRepository(Repository, sql=str(SQL / "users.sql")):
+    """Staff accounts, visible and changeable only through a membership in the current clinic."""
+
     @query("get_user")
     @cached(ttl="clinic", tags=["user:{id}"])
     def get(self, *, id: UUID) -> User | None: ...
@@ -70,15 +73,23 @@ class UserRepository(Repository, sql=str(SQL / "users.sql"), tenant=False):
     @query("get_user_by_email")
     def by_email(self, *, email: str) -> User | None: ...
 
-    @query("create_user")
-    def create(self, *, email: str, full_name: str, role: StaffRole) -> User: ...
+    @query("onboard_staff")
+    def onboard(self, *, email: str, full_name: str, role: StaffRole) -> User:
+        """A new account and its membership in the current clinic, in one statement.
+
+        `UniqueViolation` when the e-mail exists (in any clinic): an existing account is never
+        attached, so a clinic cannot take over another clinic's staff. An existing user joins
+        this clinic with `StaffRepository.add(user_id=...)`.
+        """
+        ...
 
     @query("set_user_active", invalidates=["user:{id}"])
     def set_active(self, *, id: UUID, active: bool) -> int: ...
 
 
 class StaffRepository(Repository, sql=str(SQL / "users.sql")):
-    """The current clinic's staff: memberships of directory users."""
+    """The current clinic's staff: memberships of user accounts (the id is the capability:
+    a clinic adds an existing user it was given the id of; it cannot list other clinics')."""
 
     @query("list_members")
     def members(self, *, limit: int = 100) -> list[StaffMember]: ...

@@ -47,9 +47,6 @@ SELECT g::text AS n, 'row ' || g AS label
 FROM generate_series(1, :n) AS g
 ORDER BY g
 
--- name: create_scratch
-CREATE TEMP TABLE hcrepo_scratch (n int NOT NULL) ON COMMIT DROP
-
 -- name: fill_scratch
 INSERT INTO hcrepo_scratch SELECT generate_series(1, :n)
 
