@@ -15,8 +15,9 @@ own write is visibly stale) and Redis.
 Every program gets rows of its own (a batch of two items per clinic), a fresh contextvars
 Context and a fresh one-thread pool, so programs are independent of each other and
 hypothesis can shrink a failure to a minimal program. A failure names the property it broke
-in brackets: [context], [wrong-clinic row], [stale read], [duplicate write], [lost write],
-[unit of work], [retries], [token], [value in error] or [outcome] (another error).
+in brackets: [context], [wrong-clinic row], [stale read], [uncommitted read], [duplicate
+write], [lost write], [unit of work], [retries], [token], [value in error] or [outcome]
+(anything else the oracle did not predict).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import contextvars
 import os
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
@@ -39,7 +40,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-import hcrepo
 from hcrepo import (
     ActorRequired,
     Database,
@@ -50,6 +50,7 @@ from hcrepo import (
     Settings,
     TenantContextMissing,
     UnitOfWork,
+    WriteOutsideUnitOfWork,
     bind_context,
     cached,
     query,
@@ -91,14 +92,19 @@ CREATE POLICY tenant_isolation ON {SCHEMA}.items FOR ALL TO hcrepo_app
 -- nextval is never rolled back: the attempts of a rolled-back transaction stay counted.
 CREATE SEQUENCE {SCHEMA}.attempts START WITH {TOKEN_BASE};
 -- A caller reserves a token with nextval and then calls this with it: the first `times`
--- calls raise 40001 (the token, a parameter value, goes into DETAIL as PostgreSQL does with
--- key values), later calls return 0. Calls must not interleave with another reservation.
+-- calls fail, with 40001 then 40P01 alternately (the token, a parameter value, goes into
+-- DETAIL as PostgreSQL does with key values); later calls return 0. Calls must not
+-- interleave with another reservation.
 CREATE FUNCTION {SCHEMA}.fail_first(token bigint, times int) RETURNS int
 LANGUAGE plpgsql AS $$
+DECLARE
+    failure bigint;
 BEGIN
     IF (SELECT last_value FROM {SCHEMA}.attempts) < token + times THEN
-        PERFORM nextval('{SCHEMA}.attempts');
-        RAISE EXCEPTION USING ERRCODE = '40001', MESSAGE = 'injected serialization failure',
+        failure := nextval('{SCHEMA}.attempts') - token;
+        RAISE EXCEPTION USING
+            ERRCODE = CASE WHEN failure % 2 = 1 THEN '40001' ELSE '40P01' END,
+            MESSAGE = 'injected serialization failure or deadlock',
             DETAIL = format('token %s', token);
     END IF;
     RETURN 0;
@@ -108,14 +114,9 @@ GRANT SELECT, UPDATE ON {SCHEMA}.items TO hcrepo_app;
 GRANT USAGE, SELECT ON SEQUENCE {SCHEMA}.attempts TO hcrepo_app;
 """
 
-# Today's library may run a write the target refuses; if that write waited for a row lock
-# held by the program's own unit of work, the program would hang instead of failing.
+# A library that runs a write it should refuse could wait for a row lock held by the
+# program's own unit of work: the program would hang instead of failing.
 LOCK_TIMEOUT = "options=-c%20lock_timeout%3D500"
-
-WriteRefused: type[BaseException] = getattr(
-    hcrepo, "WriteOutsideUnitOfWork",
-    type("WriteOutsideUnitOfWork (missing from hcrepo)", (Exception,), {}),
-)
 
 
 class ItemRow(BaseModel):
@@ -305,20 +306,26 @@ def resolve(ref: int, ctx: Ctx) -> int:
 
 @dataclass(eq=False)
 class Frame:
-    """One `db.context` (or `read_after`) block as the oracle sees it: `seen` is the lowest
-    value a read in it must return per item (its own commits, an awaited token)."""
+    """One block as the oracle sees it: its context, and `seen`, the lowest value a read in
+    it must return per item. A `db.context` block holds a write position (`positions`): its
+    commits, and those of the blocks in it, are its to see. A unit of work's block (whose
+    context is ambient in it) and a `read_after` block (`awaits` a token) hold none."""
 
     ctx: Ctx
     seen: dict[int, int] = field(default_factory=dict)
     commits: int = 0
     awaits: bool = False
+    positions: bool = True
 
 
 @dataclass
 class UnitModel:
     ctx: Ctx
     pending: dict[int, tuple[int, int]] = field(default_factory=dict)  # item: (value, writes)
-    wrote: bool = False
+    begun: bool = False  # a statement ran: its COMMIT records a position
+
+    def begin(self, result: object = None) -> None:
+        self.begun = True
 
 
 @dataclass(frozen=True)
@@ -385,9 +392,10 @@ class Model:
     def ctx(self) -> Ctx:
         return self.frames[-1].ctx if self.frames else NO_CONTEXT
 
-    def required(self, frames: Iterator[Frame] | list[Frame] | None = None) -> dict[int, int]:
+    def required(self) -> dict[int, int]:
+        """The lowest value a read here must return, per item (the blocks open now)."""
         merged: dict[int, int] = {}
-        for frame in self.frames if frames is None else frames:
+        for frame in self.frames:
             for item, value in frame.seen.items():
                 merged[item] = max(merged.get(item, 0), value)
         return merged
@@ -408,22 +416,31 @@ class Model:
         assert self.unit is not None
         return self.unit.pending.get(item, self.committed[item])
 
-    def commit(self, values: dict[int, int], frames: tuple[Frame, ...] | list[Frame]) -> None:
-        """A COMMIT with writes: `values` are the rows it changed, `frames` the blocks it
-        happened in (each must see it from now on)."""
-        for item, value in values.items():
-            state = (value, self.committed[item][1] + 1)
+    def commit(self, values: dict[int, int], frames: Sequence[Frame] | None = None) -> None:
+        """A COMMIT of one write to each item of `values` (its new value)."""
+        self.commit_states(
+            {item: (value, self.committed[item][1] + 1) for item, value in values.items()},
+            frames)
+
+    def commit_states(self, states: dict[int, tuple[int, int]],
+                      frames: Sequence[Frame] | None = None) -> None:
+        """A COMMIT leaving each item of `states` at (value, writes), made in `frames` (None:
+        on the main thread, in its blocks open now); those holding a write position must
+        see it from now on."""
+        if frames is None:
+            frames = self.frames
+            if not any(frame.positions for frame in frames):
+                self.outside_commits += 1
+        for item, state in states.items():
             self.committed[item] = state
             self.history[item].add(state)
         for frame in frames:
+            if not frame.positions:
+                continue
             frame.commits += 1
-            for item, value in values.items():
+            for item, (value, _) in states.items():
                 frame.seen[item] = max(frame.seen.get(item, 0), value)
 
-    def commit_here(self, values: dict[int, int]) -> None:
-        if not self.frames:
-            self.outside_commits += 1
-        self.commit(values, self.frames)
 
 
 @dataclass
@@ -447,7 +464,7 @@ def refusals(ctx: Ctx, *, write: bool = False, unit_open: bool = False
     if write and ctx.actor is None:
         found.append(ActorRequired)
     if write and unit_open:
-        found.append(WriteRefused)
+        found.append(WriteOutsideUnitOfWork)
     return tuple(found)
 
 
@@ -485,8 +502,11 @@ def check_item(model: Model, ctx: Ctx, item: int, row: ItemRow | None,
                                   f"writes, expected {shown(exact[0])} after {exact[1]}")
         return
     if state not in model.history[item]:
-        committed = {value: writes for value, writes in model.history[item]}
-        prop = "duplicate write" if row.value in committed else "outcome"
+        committed = dict(model.history[item])
+        if row.value not in committed:
+            prop = "uncommitted read"
+        else:
+            prop = "duplicate write" if row.writes > committed[row.value] else "lost write"
         raise Violation(prop, f"item {item} read {shown(row.value)} after {row.writes} "
                               f"writes, a state never committed")
     if row.value < required.get(item, 0):
@@ -598,34 +618,21 @@ def write_expect(model: Model, ctx: Ctx, item: int, refused: tuple[type[BaseExce
 
 @dataclass(frozen=True)
 class Write(Step):
-    """prop_set_value through db: refused while this thread has a unit of work open."""
+    """prop_set_value through db: refused while this thread has a unit of work open, unless
+    inside `db.autonomous()`, where it commits on its own."""
 
     item: int
+    autonomous: bool
 
     def expect(self, model: Model) -> Expect:
         ctx = model.ctx
-        refused = refusals(ctx, write=True, unit_open=model.unit is not None)
+        unit_open = model.unit is not None and not self.autonomous
         item = model.free_item(resolve(self.item, ctx))
-        return write_expect(model, ctx, item, refused, model.commit_here)
+        return write_expect(model, ctx, item, refusals(ctx, write=True, unit_open=unit_open),
+                            model.commit)
 
     def run(self, env: Env, want: Expect) -> Any:
-        return env.set_value(Items(env.db), want)
-
-
-@dataclass(frozen=True)
-class Autonomous(Step):
-    """prop_set_value through db inside `db.autonomous()`: commits on its own, unit or not."""
-
-    item: int
-
-    def expect(self, model: Model) -> Expect:
-        ctx = model.ctx
-        refused = refusals(ctx, write=True)
-        item = model.free_item(resolve(self.item, ctx))
-        return write_expect(model, ctx, item, refused, model.commit_here)
-
-    def run(self, env: Env, want: Expect) -> Any:
-        with env.db.autonomous():  # type: ignore[attr-defined]
+        with env.db.autonomous() if self.autonomous else contextlib.nullcontext():
             return env.set_value(Items(env.db), want)
 
 
@@ -634,7 +641,7 @@ def unit_write_expect(model: Model, item: int, **args: Any) -> Expect:
     assert unit is not None
 
     def pend(values: dict[int, int]) -> None:
-        unit.wrote = True
+        unit.begun = True
         for written, value in values.items():
             unit.pending[written] = (value, model.unit_view(written)[1] + 1)
 
@@ -645,7 +652,7 @@ def unit_write_expect(model: Model, item: int, **args: Any) -> Expect:
 
 @dataclass(frozen=True)
 class Transaction(Step):
-    """`db.transaction(fn, retries=…)`: fn writes, then fails `failures` times with 40001.
+    """`db.transaction(fn, retries=…)`: fn writes, then fails `failures` times (40001, 40P01).
     Inside a unit of work it joins it if its context is the unit's, else InvalidContext."""
 
     item: int
@@ -660,7 +667,7 @@ class Transaction(Step):
                 return Expect((InvalidContext,), args={"item": 0, "value": 0, "failures": 0})
             return unit_write_expect(model, resolve(self.item, ctx), failures=0)
         want = write_expect(model, ctx, resolve(self.item, ctx), refusals(ctx, write=True),
-                            model.commit_here)
+                            model.commit)
         want.args["failures"] = self.failures
         if not want.raises and self.failures > self.retries:
             want.raises = (SerializationFailure,)
@@ -700,7 +707,8 @@ class ForEachClinic(Step):
                     raise Violation("context", "for_each_clinic ran a call as "
                                                f"{names.describe(got.clinic, got.actor)}")
 
-        return Expect(check=check)
+        # Each call commits a transaction inside this block.
+        return Expect(check=check, effect=lambda _: model.commit({}))
 
     def run(self, env: Env, want: Expect) -> Any:
         seen: list[tuple[UUID, SessionRow]] = []
@@ -722,10 +730,10 @@ class TakeToken(Step):
     record: ClassVar[bool] = True  # keep it for ReadAfter and HandoffTask
 
     def expect(self, model: Model) -> Expect:
-        frames = model.frames
+        frames = [frame for frame in model.frames if frame.positions]
         committed = any(frame.commits for frame in frames)
         fresh = bool(frames) and not committed and not model.outside_commits and not any(
-            frame.awaits for frame in frames)
+            frame.awaits for frame in model.frames)
         ctx, required = model.ctx, model.required()
 
         def check(token: str | None) -> None:
@@ -884,7 +892,7 @@ class BlockTask(Task):
             rowcount_check(True)(count)
             check_item(model, Ctx(k, k), item, row, {}, (value, model.committed[item][1] + 1))
 
-        return Expect(check=check, effect=lambda _: model.commit({item: value}, ()),
+        return Expect(check=check, effect=lambda _: model.commit({item: value}, binding.frames),
                       args={"item": item, "value": value})
 
     def perform(self, env: Env, args: dict[str, Any]) -> Any:
@@ -1021,20 +1029,21 @@ class UnitWrite(Step):
 
 @dataclass(frozen=True)
 class UnitRead(Step):
-    """An item through the unit of work: as the unit's context, with its pending writes,
-    whatever block the program is in."""
+    """An item through the unit of work (plain or a cached method): as the unit's context,
+    with its pending writes, whatever block the program is in."""
 
     item: int
+    via: str
 
     def expect(self, model: Model) -> Expect:
-        ctx = unit_of(model).ctx
-        item = resolve(self.item, ctx)
+        unit = unit_of(model)
+        ctx, item = unit.ctx, resolve(self.item, unit.ctx)
         return Expect(refusals(ctx), lambda row: check_item(model, ctx, item, row, {},
                                                             model.unit_view(item)),
-                      args={"item": item})
+                      unit.begin, {"item": item})
 
     def run(self, env: Env, want: Expect) -> Any:
-        return Items(env.unit()).get(id=env.names.items[want.args["item"]])
+        return getattr(Items(env.unit()), self.via)(id=env.names.items[want.args["item"]])
 
 
 @dataclass(frozen=True)
@@ -1044,11 +1053,13 @@ class UnitReadAll(Step):
     what: str  # "rows", "stream" or "session"
 
     def expect(self, model: Model) -> Expect:
-        ctx = unit_of(model).ctx
+        unit = unit_of(model)
+        ctx = unit.ctx
         if self.what == "session":
-            return Expect(refusals(ctx), session_check(model, ctx, "a unit of work's call"))
+            return Expect(refusals(ctx), session_check(model, ctx, "a unit of work's call"),
+                          unit.begin)
         return Expect(refusals(ctx),
-                      lambda rows: check_rows(model, ctx, rows, {}, model.unit_view))
+                      lambda rows: check_rows(model, ctx, rows, {}, model.unit_view), unit.begin)
 
     def run(self, env: Env, want: Expect) -> Any:
         items = Items(env.unit())
@@ -1059,13 +1070,33 @@ class UnitReadAll(Step):
 
 
 class _Rollback(Exception):
-    """Raised at the end of a unit's body to roll it back."""
+    """Raised at the end of a unit's (or savepoint's) body to roll it back."""
+
+
+@dataclass(frozen=True)
+class Savepoint(Step):
+    """`with uow.savepoint():` around a body; rolled back to when `rollback`."""
+
+    rollback: bool
+    body: tuple[Step, ...]
+
+    def run(self, env: Env, want: Expect) -> Any:
+        unit = unit_of(env.model)
+        saved = dict(unit.pending)
+        unit.begin()
+        try:
+            with env.unit().savepoint():
+                env.execute_all(self.body)
+                if self.rollback:
+                    raise _Rollback
+        except _Rollback:
+            unit.pending = saved
 
 
 @dataclass(frozen=True)
 class Unit(Step):
     """`with db.unit_of_work() as uow:` (explicit clinic or the ambient context) around a
-    body; commits, or rolls back when `rollback`."""
+    body, in which the unit's context is ambient; commits, or rolls back when `rollback`."""
 
     clinic: int | None
     rollback: bool
@@ -1081,15 +1112,15 @@ class Unit(Step):
             with env.db.unit_of_work(**env.explicit(self.clinic)) as uow:
                 env.uow, model.unit = uow, unit
                 try:
-                    env.execute_all(self.body)
+                    env.in_frame(Frame(unit.ctx, positions=False), self.body)
                 finally:
                     env.uow, model.unit = None, None
                 if self.rollback:
                     raise _Rollback
         except _Rollback:
             return None
-        if unit.wrote:
-            model.commit_here({item: value for item, (value, _) in unit.pending.items()})
+        if unit.begun:
+            model.commit_states(unit.pending)
         return None
 
 
@@ -1113,17 +1144,17 @@ class Block(Step):
 
     def expect(self, model: Model) -> Expect:
         outer = model.ctx
-        ctx = Ctx(outer.clinic if self.clinic == KEEP else self.clinic,  # type: ignore[arg-type]
-                  outer.actor if self.actor == KEEP else self.actor)  # type: ignore[arg-type]
+        ctx = Ctx(outer.clinic if self.clinic == KEEP else self.clinic,
+                  outer.actor if self.actor == KEEP else self.actor)
         return Expect(args={"frame": Frame(ctx)})
 
     def run(self, env: Env, want: Expect) -> Any:
         given: dict[str, UUID | None] = {}
         if self.clinic != KEEP:
-            given["clinic_id"] = env.names.clinic(self.clinic)  # type: ignore[arg-type]
+            given["clinic_id"] = env.names.clinic(self.clinic)
         if self.actor != KEEP:
-            given["actor_id"] = env.names.actor(self.actor)  # type: ignore[arg-type]
-        with env.db.context(**given):  # type: ignore[arg-type]
+            given["actor_id"] = env.names.actor(self.actor)
+        with env.db.context(**given):
             env.in_frame(want.args["frame"], self.body)
 
 
@@ -1152,10 +1183,11 @@ class ReadAfter(Step):
 
     def expect(self, model: Model) -> Expect:
         if not model.tokens:
-            return Expect(args={"frame": Frame(model.ctx), "token": None})
+            return Expect(args={"frame": Frame(model.ctx, positions=False), "token": None})
         index = self.which % len(model.tokens)
         token = model.tokens[index]
-        frame = Frame(model.ctx, seen=dict(token.required), awaits=token.given)
+        frame = Frame(model.ctx, seen=dict(token.required), awaits=token.given,
+                      positions=False)
         return Expect(args={"frame": frame, "token": index})
 
     def run(self, env: Env, want: Expect) -> Any:
@@ -1330,7 +1362,7 @@ def _outcome(want: Expect) -> str:
 
 
 def _property_of(raises: tuple[type[BaseException], ...]) -> str:
-    if raises[0] in (WriteRefused, InvalidContext):
+    if raises[0] in (WriteOutsideUnitOfWork, InvalidContext):
         return "unit of work"
     if raises[0] is SerializationFailure:
         return "retries"
@@ -1355,36 +1387,49 @@ def run_program(world: World, program: list[Step]) -> None:
 
 clinic_ix = st.integers(0, CLINICS - 1)
 item_ix = st.integers(0, ITEMS - 1)
-TASKS: dict[str, st.SearchStrategy[Task]] = {
-    "session": st.builds(SessionTask),
-    "read": st.builds(ReadTask, item_ix),
-    "write": st.builds(WriteTask, item_ix),
-    "block": st.builds(BlockTask, item_ix),
-    "leak_context": st.builds(LeakContextTask, clinic_ix),
-    "leak_generator": st.builds(LeakGeneratorTask, clinic_ix),
-    "handoff": st.builds(HandoffTask),
+# Families of tasks and steps are drawn equally often, whatever their size, so that the few
+# kinds of unit-of-work steps are not drowned by the many others.
+TASKS: dict[str, dict[str, st.SearchStrategy[Task]]] = {
+    "context": {
+        "session": st.builds(SessionTask),
+        "leak_context": st.builds(LeakContextTask, clinic_ix),
+        "leak_generator": st.builds(LeakGeneratorTask, clinic_ix),
+    },
+    "data": {
+        "read": st.builds(ReadTask, item_ix),
+        "write": st.builds(WriteTask, item_ix),
+        "block": st.builds(BlockTask, item_ix),
+        "handoff": st.builds(HandoffTask),
+    },
 }
-tasks = st.deferred(lambda: st.one_of(*TASKS.values()))
-LEAVES: dict[str, st.SearchStrategy[Step]] = {
-    "whoami": st.builds(WhoAmI),
-    "read": st.builds(Read, item_ix, st.sampled_from(["get", "tagged", "untagged"])),
-    "read_all": st.builds(ReadAll, st.booleans()),
-    "write": st.builds(Write, item_ix),
-    "autonomous": st.builds(Autonomous, item_ix),
-    "transaction": st.builds(Transaction, item_ix, st.integers(0, 2), st.integers(0, 2),
-                             st.none() | clinic_ix),
-    "for_each_clinic": st.builds(ForEachClinic),
-    "token": st.builds(TakeToken),
-    "gen_start": st.builds(GenStart, clinic_ix),
-    "gen_next": st.builds(GenNext, st.integers(0, 3)),
-    "gen_close": st.builds(GenClose, st.integers(0, 3)),
-    "submit": st.builds(Submit, tasks, st.booleans()),
-    "bind": st.builds(Bind, tasks),
-    "submit_bound": st.builds(SubmitBound, st.integers(0, 3)),
+LEAVES: dict[str, dict[str, st.SearchStrategy[Step]]] = {
+    "calls": {
+        "whoami": st.builds(WhoAmI),
+        "read": st.builds(Read, item_ix, st.sampled_from(["get", "tagged", "untagged"])),
+        "read_all": st.builds(ReadAll, st.booleans()),
+        "write": st.builds(Write, item_ix, st.just(False)),
+        "token": st.builds(TakeToken),
+    },
+    "transactions": {
+        "autonomous": st.builds(Write, item_ix, st.just(True)),
+        "transaction": st.builds(Transaction, item_ix, st.integers(0, 2), st.integers(0, 2),
+                                 st.none() | clinic_ix),
+        "for_each_clinic": st.builds(ForEachClinic),
+    },
+    "generators": {
+        "gen_start": st.builds(GenStart, clinic_ix),
+        "gen_next": st.builds(GenNext, st.integers(0, 3)),
+        "gen_close": st.builds(GenClose, st.integers(0, 3)),
+    },
+    "pool": {
+        "submit": st.builds(Submit, st.deferred(lambda: families(TASKS)), st.booleans()),
+        "bind": st.builds(Bind, st.deferred(lambda: families(TASKS))),
+        "submit_bound": st.builds(SubmitBound, st.integers(0, 3)),
+    },
 }
 UNIT_LEAVES: dict[str, st.SearchStrategy[Step]] = {
     "unit_write": st.builds(UnitWrite, item_ix),
-    "unit_read": st.builds(UnitRead, item_ix),
+    "unit_read": st.builds(UnitRead, item_ix, st.sampled_from(["get", "tagged", "untagged"])),
     "unit_read_all": st.builds(UnitReadAll, st.sampled_from(["rows", "stream", "session"])),
 }
 # A block's fields: clinic k with its actor mostly, else one field, or an explicit None.
@@ -1397,20 +1442,38 @@ block_fields = st.one_of(
 )
 
 
+def group(*choices: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """One branch of a one_of that counts once: hypothesis flattens nested one_of (and maps
+    of them), which would weigh every kind the same, but not a flatmap."""
+    return st.sampled_from(choices).flatmap(lambda chosen: chosen)
+
+
+def families(table: dict[str, dict[str, st.SearchStrategy[Any]]]) -> st.SearchStrategy[Any]:
+    """A family at random (plain calls twice as often: they are what the others disturb),
+    then a kind in it."""
+    return group(*(group(*family.values()) for name, family in table.items() if family
+                   for _ in range(2 if name == "calls" else 1)))
+
+
 def steps(depth: int, in_unit: bool) -> st.SearchStrategy[Step]:
-    leaves = [*LEAVES.values(), *(UNIT_LEAVES.values() if in_unit else ())]
+    leaves = families(LEAVES)
+    if in_unit:  # half of a unit's steps go through the unit
+        leaves = st.one_of(group(leaves), group(*UNIT_LEAVES.values()))
     if depth == 0:
-        return st.one_of(leaves)
+        return leaves
     body = st.lists(steps(depth - 1, in_unit), min_size=1, max_size=3).map(tuple)
     composites = [
         st.tuples(block_fields, body).map(lambda parts: Block(*parts[0], parts[1])),
         st.builds(Helper, clinic_ix, body),
         st.builds(ReadAfter, st.integers(0, 3), body),
     ]
-    if not in_unit:
+    if in_unit:
+        composites.append(st.builds(Savepoint, st.booleans(), body))
+    else:
         unit_body = st.lists(steps(depth - 1, True), min_size=1, max_size=4).map(tuple)
         composites.append(st.builds(Unit, st.none() | clinic_ix, st.booleans(), unit_body))
-    return st.one_of(*leaves, *composites)
+    # A third of the steps open a block, a unit of work (or a savepoint in one), a read_after.
+    return st.one_of(group(leaves), group(leaves), group(*composites))
 
 
 def programs() -> st.SearchStrategy[list[Step]]:

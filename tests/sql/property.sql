@@ -25,5 +25,7 @@ SELECT current_setting('app.clinic_id', true) AS clinic,
        current_setting('app.actor_id', true) AS actor
 
 -- name: prop_fail_first
--- The first `times` calls with a token fail with SQLSTATE 40001 (see hcrepo_prop.fail_first).
+-- kind: write
+-- The first `times` calls with a token fail with SQLSTATE 40001 (see hcrepo_prop.fail_first);
+-- it writes (nextval), hence the kind.
 SELECT hcrepo_prop.fail_first(:token, :times)
