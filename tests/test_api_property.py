@@ -4,13 +4,19 @@ put a parameter value into an error.
 
 A program is a list of steps (the dataclasses below): context blocks (nested, through
 `db.context` or a `@contextmanager` helper), generators that enter a clinic and yield,
-thread-pool tasks (bound with `bind_context` or not, some leaking a context), units of work,
-retried transactions (a SQL function injects 40001 deterministically), plain and cached
-reads, writes, streams and `read_after` tokens, across three clinics. Each step's `expect`
-asks the oracle (`Model`) what must happen — the clinic and actor the call runs as, the
-error it must raise, the rows it may return — and `run` does it for real against one
-Database: the primary, a replica whose replay is paused (so a read routed past its caller's
-own write is visibly stale) and Redis.
+thread-pool tasks (bound with `bind_context` or not, some leaking a context), units of work
+(with savepoints, nested transactions, autonomous writes), retried transactions (a SQL
+function injects 40001 and 40P01 deterministically), plain and cached reads, writes, streams
+and `read_after` tokens, across three clinics. Each step's `expect` asks the oracle (`Model`)
+what must happen — the clinic and actor the call runs as, the error it must raise, the rows
+it may return — and `run` does it for real against one Database: the primary, a replica
+whose replay is paused (so a read routed past its caller's own write is visibly stale) and
+Redis. As every block starts and ends the interpreter adds its own checks: the block's
+`last_write_token()`, and reads (plain, tagged, untagged cache) of what it committed.
+
+Steps name items relative to the clinic they run as (0 and 1 are its own, 2 to 5 another
+clinic's); messages name them absolutely (item i belongs to clinic i // 2). Inside a unit of
+work's block the unit's clinic and actor are ambient, as the README says.
 
 Every program gets rows of its own (a batch of two items per clinic), a fresh contextvars
 Context and a fresh one-thread pool, so programs are independent of each other and
@@ -821,6 +827,18 @@ class GenClose(Step):
             env.generators.pop(self.which % len(env.generators)).close()
 
 
+@dataclass(frozen=True)
+class Leak(Step):
+    """Enters a `db.context` block without `with` and returns: it must not outlive the step."""
+
+    clinic: int
+
+    def run(self, env: Env, want: Expect) -> Any:
+        manager = env.db.context(**env.explicit(self.clinic))
+        manager.__enter__()
+        env.leaks.append(manager)
+
+
 # --- thread-pool tasks ----------------------------------------------------------------------
 
 
@@ -913,7 +931,7 @@ class LeakContextTask(Task):
     def perform(self, env: Env, args: dict[str, Any]) -> Any:
         manager = env.db.context(**env.explicit(self.clinic))
         manager.__enter__()
-        env.leaks.append(manager)
+        env.pool_leaks.append(manager)
 
 
 @dataclass(frozen=True)
@@ -929,7 +947,7 @@ class LeakGeneratorTask(Task):
     def perform(self, env: Env, args: dict[str, Any]) -> Any:
         names = env.names
         generator = clinic_generator(env.db, names.clinics[self.clinic], names.actors[self.clinic])
-        env.leaks.append(generator)
+        env.pool_leaks.append(generator)
         return next(generator)
 
 
@@ -1222,7 +1240,8 @@ class Env:
     generators: list[Generator[SessionRow, None, None]] = field(default_factory=list)
     tokens: list[str | None] = field(default_factory=list)
     bound: list[Callable[..., Any]] = field(default_factory=list)
-    leaks: list[Any] = field(default_factory=list)
+    leaks: list[Any] = field(default_factory=list)  # left by Leak steps
+    pool_leaks: list[Any] = field(default_factory=list)  # left by tasks on the pool thread
     reserved: list[int] = field(default_factory=list)
     pool: ThreadPoolExecutor | None = None
 
@@ -1318,11 +1337,9 @@ class Env:
             self.execute(Submit(SessionTask(), bound=False))
 
     def close(self) -> None:
-        for generator in reversed(self.generators):
-            with contextlib.suppress(Exception):
-                generator.close()
+        _release([*self.generators, *self.leaks])
         if self.pool is not None:
-            self.pool.submit(_release, self.leaks).result(timeout=30)
+            self.pool.submit(_release, self.pool_leaks).result(timeout=30)
             self.pool.shutdown(wait=True)
 
     def check_database(self) -> None:
@@ -1341,7 +1358,8 @@ class Env:
 
 
 def _release(leaks: list[Any]) -> None:
-    """On the pool thread: leave what its tasks leaked (a bound task's may not be ours)."""
+    """Leave the blocks of leaked managers and generators, newest first, on the thread that
+    entered them (whatever fails: a bound task's belong to its captured scope)."""
     for leaked in reversed(leaks):
         with contextlib.suppress(Exception):
             if isinstance(leaked, Generator):
@@ -1420,6 +1438,7 @@ LEAVES: dict[str, dict[str, st.SearchStrategy[Step]]] = {
         "gen_start": st.builds(GenStart, clinic_ix),
         "gen_next": st.builds(GenNext, st.integers(0, 3)),
         "gen_close": st.builds(GenClose, st.integers(0, 3)),
+        "leak": st.builds(Leak, clinic_ix),
     },
     "pool": {
         "submit": st.builds(Submit, st.deferred(lambda: families(TASKS)), st.booleans()),
@@ -1493,6 +1512,7 @@ def explore(world: World, examples: int, *, derandomize: bool) -> None:
     elapsed = time.perf_counter() - started
     ran = world.programs - before
     print(f"{ran} programs in {elapsed:.1f} s ({1000 * elapsed / max(ran, 1):.1f} ms each)")
+    assert ran >= examples
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
