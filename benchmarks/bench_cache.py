@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from benchmarks.bench_point_read import Patient
 from benchmarks.harness import interleaved, stack, table
 from hcrepo import Database, Repository, Settings, cached, query
-from hcrepo.embedded import RedisServer
+from hcrepo.testing import RedisServer
 
 SQL_FILE = str(Path(__file__).parent / "sql" / "cache.sql")
 PROVIDERS = 30

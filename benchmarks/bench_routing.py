@@ -39,10 +39,10 @@ from benchmarks.bench_point_read import SQL, Patients
 from benchmarks.harness import APP_PASSWORD, DBNAME, balanced_rounds, pin, stack
 from hcrepo import Database, Repository, Settings, migrate, query
 from hcrepo import pipeline as hc_pipeline
-from hcrepo.embedded import PostgresServer, wait_for_replay
 from hcrepo.execution import context_statement
 from hcrepo.pipeline import HcConnection, Statement
 from hcrepo.tenancy import Context
+from hcrepo.testing import PostgresServer, wait_for_replay
 
 SQL_DIR = Path(__file__).parent / "sql"
 RAW = "raw psycopg_pool, query only (superuser: no context, no RLS)"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import psycopg
 
 from hcrepo import migrate
-from hcrepo.embedded import PostgresServer
+from hcrepo.testing import PostgresServer
 
 OWNER_PASSWORD = "bench-owner"
 APP_PASSWORD = "bench-app"

@@ -4,7 +4,6 @@ This module is the whole public API; everything else is internal.
 """
 
 from hcrepo.config import RoutingPolicy, Settings
-from hcrepo.consistency import InvalidToken
 from hcrepo.database import Database
 from hcrepo.errors import (
     ActorRequired,
@@ -33,6 +32,7 @@ from hcrepo.errors import (
     WriteOutsideUnitOfWork,
 )
 from hcrepo.repository import Repository, cached, query
+from hcrepo.routing.consistency import InvalidToken
 from hcrepo.tenancy import Context, bind_context
 from hcrepo.unit_of_work import UnitOfWork
 

@@ -18,11 +18,23 @@ such queries are not cached at all: one warning per query, then a metric per cal
 With read replicas an invalidation leaves tombstones for the lag window (HCREPO_MAX_LAG_SECONDS
 plus two health intervals): a fill in that window may come from a replica that has not
 replayed the commit yet, so it is returned but not stored.
+
+Who asks is part of the key: every policy input the database sees (`tenancy.POLICY_INPUTS`,
+the actor besides the clinic) is hashed into it, unless the query declares
+`@cached(independent_of=...)`; hcrepo refuses that declaration for SQL that reads the setting,
+and `hcrepo check` reports it for tables whose row-level security policies do.
+
+Read-your-writes: each entry records a WAL position its value is known to reflect (the
+replica's replay position, or just below the primary's insert position, read before the
+query). A caller whose reads must reflect a later position (its own commits, or a
+`read_after` token) treats an older entry as a miss and refills it, so it never gets a value
+from before its write, tagged or not. Another caller, with no such position, may still be
+served an untagged entry filled before that write until the entry's TTL: tags are what
+makes a write visible to everyone.
 """
 
 from __future__ import annotations
 
-import contextvars
 import math
 import os
 import random
@@ -37,8 +49,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from loguru import logger
 from prometheus_client import Counter
 
-from hcrepo import metrics
-from hcrepo.breaker import CircuitBreaker
 from hcrepo.cache_codec import (
     CODEC_VERSION,
     TOKEN_SIZE,
@@ -51,7 +61,9 @@ from hcrepo.cache_keys import KeyMaker, Uncacheable, plan_id
 from hcrepo.cache_store import REDIS_ERRORS, RedisStore, new_token
 from hcrepo.config import Settings, cache_key_bytes
 from hcrepo.errors import ConfigError
-from hcrepo.tenancy import Context
+from hcrepo.ops import metrics
+from hcrepo.ops.breaker import CircuitBreaker
+from hcrepo.tenancy import POLICY_INPUTS, Context
 
 if TYPE_CHECKING:
     from hcrepo.repository import Plan
@@ -90,10 +102,16 @@ class _Spec(NamedTuple):
 
     query: str
     plan_id: str
+    keyed: tuple[str, ...]  # the Context fields besides the clinic its entries are keyed by
     codec: ValueCodec
     ttl_ms: int
     soft_ms: int
     counters: _Counters
+
+
+Load = Callable[[], tuple[Any, int]]
+"""A database read returning (value, position): the value reflects every commit a caller
+whose `need` is at most `position` requires (see `Cache.fetch`)."""
 
 
 class _Call(NamedTuple):
@@ -101,7 +119,8 @@ class _Call(NamedTuple):
     key: str
     lock: str
     generations: list[str]
-    load: Callable[[], Any]
+    need: int
+    load: Load
 
 
 class _Flight:
@@ -110,7 +129,7 @@ class _Flight:
     __slots__ = ("future", "superseded")
 
     def __init__(self) -> None:
-        self.future: Future[Any] = Future()
+        self.future: Future[tuple[Any, int]] = Future()
         self.superseded = False
 
 
@@ -170,47 +189,57 @@ class Cache:
         args: tuple[Any, ...],
         sql: str,
         context: Context,
-        load: Callable[[], Any],
+        need: int,
+        load: Load,
     ) -> Any:
+        """The plan's result for `args` in `context`, from Redis or from `load()`.
+
+        `need`: the WAL position (an int LSN, 0 for none) the caller's reads must reflect;
+        an entry whose recorded position is lower is not served to this caller.
+        """
         spec = self._specs.get((plan, sql)) or self._spec(plan, sql)
         if not isinstance(spec, _Spec):
             spec.inc()  # the query's "not cached" counter
-            return load()
+            return load()[0]
         if self._pending:
-            return self._bypass(spec, "invalidation_pending", load)
+            return self._bypass(spec, "invalidation_pending", load)[0]
         if not self._breaker.allow():
-            return self._bypass(spec, "redis_unavailable", load)
+            return self._bypass(spec, "redis_unavailable", load)[0]
         ns = self._keys.namespace(context.clinic_id, tenant_scoped=plan.tenant_scoped)
         try:
-            entry = self._keys.entry(ns, spec.plan_id, context.clinic_id, args)
+            entry = self._keys.entry(ns, spec.plan_id, context.clinic_id,
+                                     [getattr(context, name) for name in spec.keyed], args)
         except Uncacheable:
-            return self._bypass(spec, "uncacheable_arguments", load)
+            return self._bypass(spec, "uncacheable_arguments", load)[0]
         generations: list[str] = []
         if plan.cache is not None and plan.cache.tags:
             tag_key = self._keys.tag_key
             generations = [tag_key(ns, tag) for tag in plan.tags(plan.cache.tags, args)]
         call = _Call(spec, self._keys.value_key(ns, entry), self._keys.lock_key(ns, entry),
-                     generations, load)
+                     generations, need, load)
         try:
             raw, *current = self._store.read([call.key, *generations])
         except REDIS_ERRORS as exc:
             self._redis_failed(spec.query, exc)
-            return self._bypass(spec, "redis_unavailable", load)
+            return self._bypass(spec, "redis_unavailable", load)[0]
         self._redis_ok()
         if raw is not None:
-            value = self._serve(call, raw, current, refresh=True)
-            if value is not _MISSING:
-                return value
-        return self._miss(call)
+            served = self._serve(call, raw, current, refresh=True)
+            if served is not _MISSING:
+                return served[0]
+        return self._miss(call)[0]
 
     def _serve(self, call: _Call, raw: bytes, current: list[bytes | None], *,
                refresh: bool) -> Any:
-        """The entry's value if its generations are current (and a refresh if due)."""
+        """(value, position) of the entry if its generations are current and it reflects
+        the caller's writes (and a refresh if due); else _MISSING."""
         spec = call.spec
         try:
             entry = read_header(raw)
             if None in current or entry.tokens != b"".join(current):  # type: ignore[arg-type]
                 return _MISSING  # invalidated since it was read: never served, not even stale
+            if entry.position < call.need:
+                return _MISSING  # filled before the caller's last write was visible
             value = spec.codec.decode(raw, entry, key=call.key)
         except Unreadable:
             metrics.CACHE_ERRORS.labels(query=spec.query, kind="unreadable").inc()
@@ -225,12 +254,12 @@ class Cache:
             if self._beta <= 0 or now_ms - entry.load_us / 1000 * self._beta * math.log(
                 1.0 - random.random()
             ) < due:
-                return value
+                return value, entry.position
         if refresh:
             self._refresh(call)
-        return value
+        return value, entry.position
 
-    def _miss(self, call: _Call) -> Any:
+    def _miss(self, call: _Call) -> tuple[Any, int]:
         with self._mutex:
             flight = self._flights.get(call.key)
             leader = flight is None or flight.superseded
@@ -240,23 +269,26 @@ class Cache:
         if not leader:
             metrics.CACHE_COALESCED.labels(query=call.spec.query, via="process").inc()
             try:
-                return flight.future.result(timeout=self._lock_ms / 1000)
+                loaded = flight.future.result(timeout=self._lock_ms / 1000)
             except TimeoutError:
                 return self._bypass(call.spec, "lock_wait_timeout", call.load)
+            if loaded[1] >= call.need:
+                return loaded
+            return self._fill(call)  # the leader may have read before this caller's write
         try:
-            value = self._fill(call)
+            loaded = self._fill(call)
         except BaseException as exc:
             flight.future.set_exception(exc)
             raise
         else:
-            flight.future.set_result(value)
-            return value
+            flight.future.set_result(loaded)
+            return loaded
         finally:
             with self._mutex:
                 if self._flights.get(call.key) is flight:
                     del self._flights[call.key]
 
-    def _fill(self, call: _Call) -> Any:
+    def _fill(self, call: _Call) -> tuple[Any, int]:
         """Read the database under the key's lock, or wait for whoever holds it."""
         spec = call.spec
         deadline = 0.0
@@ -277,20 +309,20 @@ class Cache:
                 if not deadline:
                     deadline = time.monotonic() + self._lock_ms / 1000
                     metrics.CACHE_COALESCED.labels(query=spec.query, via="redis").inc()
-                value, lock_held = self._await_fill(call, deadline)
+                served, lock_held = self._await_fill(call, deadline)
             except REDIS_ERRORS as exc:
                 self._redis_failed(spec.query, exc)
                 return self._bypass(spec, "redis_unavailable", call.load)
-            if value is not _MISSING:
-                return value
+            if served is not _MISSING:
+                return served  # type: ignore[no-any-return]
             if lock_held:  # still held at the deadline: stop waiting
                 return self._bypass(spec, "lock_wait_timeout", call.load)
         spec.counters.misses.inc()
         return self._load_and_store(call, tokens, lock_token)
 
     def _await_fill(self, call: _Call, deadline: float) -> tuple[Any, bool]:
-        """Poll until the lock holder's value lands (value, _) or the lock is free (_, False);
-        (_MISSING, True) when the deadline passed first."""
+        """Poll until the lock holder's value lands ((value, position), _) or the lock is free
+        (_, False); (_MISSING, True) when the deadline passed first."""
         pause = _POLL_FIRST
         while not self._closed.is_set():
             remaining = deadline - time.monotonic()
@@ -300,18 +332,20 @@ class Cache:
             pause = min(pause * 2, _POLL_MAX)
             raw, holder, *current = self._store.read([call.key, call.lock, *call.generations])
             if raw is not None:
-                value = self._serve(call, raw, current, refresh=False)
-                if value is not _MISSING:
-                    return value, False
+                served = self._serve(call, raw, current, refresh=False)
+                if served is not _MISSING:
+                    return served, False
             if holder is None:
                 return _MISSING, False
         return _MISSING, True
 
-    def _load_and_store(self, call: _Call, tokens: list[bytes], lock_token: bytes) -> Any:
+    def _load_and_store(
+        self, call: _Call, tokens: list[bytes], lock_token: bytes
+    ) -> tuple[Any, int]:
         spec = call.spec
         started = time.perf_counter()
         try:
-            value = call.load()
+            value, position = call.load()
         except BaseException:
             self._quietly(spec.query, self._store.release, call.lock, lock_token)
             raise
@@ -319,17 +353,17 @@ class Cache:
         try:
             entry = spec.codec.encode(
                 value, key=call.key, soft_expiry_ms=int(time.time() * 1000) + spec.soft_ms,
-                load_us=load_us, tokens=b"".join(tokens),
+                load_us=load_us, position=position, tokens=b"".join(tokens),
             )
         except Exception:  # a value its declared type cannot serialize: do not cache it
             metrics.CACHE_ERRORS.labels(query=spec.query, kind="encode").inc()
             self._quietly(spec.query, self._store.release, call.lock, lock_token)
-            return value
+            return value, position
         stored = self._quietly(spec.query, self._store.store, call.key, call.lock,
                                call.generations, tokens, entry, spec.ttl_ms, lock_token)
         if stored:
             spec.counters.bytes_written.inc(len(entry))
-        return value
+        return value, position
 
     def _refresh(self, call: _Call) -> None:
         """Start the one background refresh of a stale value, unless one is running."""
@@ -359,9 +393,8 @@ class Cache:
                 )
             refresher = self._refresher
         try:
-            # The caller's contextvars go along: read-your-writes routing sees the same state.
-            refresher.submit(contextvars.copy_context().run, self._refresh_job, call, tokens,
-                             lock_token)
+            # `call.load` carries the caller's context and read-your-writes position.
+            refresher.submit(self._refresh_job, call, tokens, lock_token)
         except RuntimeError:  # closing: leave the stale value to its TTL
             self._quietly(call.spec.query, self._store.release, call.lock, lock_token)
             with self._mutex:
@@ -516,10 +549,15 @@ class Cache:
             assert plan.cache is not None
             ttl = self._ttl_seconds(plan.cache.ttl, plan.name)
             codec = ValueCodec(annotation, self._cipher if plan.phi else None)
+            # The clinic is keyed by the namespace (and, outside it, by the value key).
+            keyed = tuple(name for name in POLICY_INPUTS
+                          if name != "clinic_id" and name not in plan.cache.independent_of)
             spec = _Spec(
                 query=plan.name,
-                plan_id=plan_id(plan.name, sql, [codec.schema, codec.encrypts, plan.cache.tags],
+                plan_id=plan_id(plan.name, sql,
+                                [codec.schema, codec.encrypts, plan.cache.tags, keyed],
                                 CODEC_VERSION),
+                keyed=keyed,
                 codec=codec,
                 ttl_ms=int(ttl * 1000),
                 soft_ms=int(ttl * 1000 * self._settings.cache_soft_ttl_ratio),
@@ -546,7 +584,7 @@ class Cache:
             logger.warning("cached query {} {}", query, problem)
 
     @staticmethod
-    def _bypass(spec: _Spec, reason: str, load: Callable[[], Any]) -> Any:
+    def _bypass(spec: _Spec, reason: str, load: Load) -> tuple[Any, int]:
         metrics.CACHE_BYPASSED.labels(query=spec.query, reason=reason).inc()
         return load()
 

@@ -5,8 +5,9 @@ pays, AES-GCM-encrypted when it is PHI.
     byte  1      flags: 1 encrypted, 2 compressed
     bytes 2-9    soft expiry, ms since the Unix epoch
     bytes 10-13  how long the database read took, µs (for XFetch)
-    byte  14     n, the number of generation tokens
-    bytes 15-22  fingerprint of the Redis key the entry was written under
+    bytes 14-21  position: a WAL LSN the value reflects every commit up to (read-your-writes)
+    byte  22     n, the number of generation tokens
+    bytes 23-30  fingerprint of the Redis key the entry was written under
     n x 8 bytes  the generation tokens of its tags, as they were when its read began
     the rest     JSON, or a 12-byte nonce and the AES-GCM ciphertext of it
 
@@ -29,11 +30,11 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from hcrepo.results import Many, One, OneOrNone, Shape
 
-CODEC_VERSION = 1
+CODEC_VERSION = 2
 TOKEN_SIZE = 8
 ENCRYPTED = 1
 COMPRESSED = 2
-_HEAD = struct.Struct(">BBQIB8s")
+_HEAD = struct.Struct(">BBQIQB8s")
 _NONCE = 12
 _COMPRESS_FROM = 1024
 
@@ -46,6 +47,7 @@ class Entry(NamedTuple):
     flags: int
     soft_expiry_ms: int
     load_us: int
+    position: int
     fingerprint: bytes
     tokens: bytes  # the n tokens, concatenated: compared to the current ones in one step
     body_start: int
@@ -54,12 +56,12 @@ class Entry(NamedTuple):
 def read_header(raw: bytes) -> Entry:
     if len(raw) < _HEAD.size or raw[0] != CODEC_VERSION:
         raise Unreadable("not an entry of this codec version")
-    _, flags, soft_expiry_ms, load_us, count, fingerprint = _HEAD.unpack_from(raw)
+    _, flags, soft_expiry_ms, load_us, position, count, fingerprint = _HEAD.unpack_from(raw)
     body_start = _HEAD.size + count * TOKEN_SIZE
     if len(raw) < body_start:
         raise Unreadable("truncated entry")
-    return Entry(flags, soft_expiry_ms, load_us, fingerprint, raw[_HEAD.size:body_start],
-                 body_start)
+    return Entry(flags, soft_expiry_ms, load_us, position, fingerprint,
+                 raw[_HEAD.size:body_start], body_start)
 
 
 def fingerprint(key: str) -> bytes:
@@ -72,7 +74,7 @@ def rewrite_soft_expiry(raw: bytes, soft_expiry_ms: int) -> bytes:
     if entry.flags & ENCRYPTED:
         raise Unreadable("an encrypted entry's header is authenticated and cannot change")
     head = _HEAD.pack(CODEC_VERSION, entry.flags, soft_expiry_ms, entry.load_us,
-                      len(entry.tokens) // TOKEN_SIZE, entry.fingerprint)
+                      entry.position, len(entry.tokens) // TOKEN_SIZE, entry.fingerprint)
     return head + raw[_HEAD.size:]
 
 
@@ -111,7 +113,8 @@ class ValueCodec:
         return self._cipher is not None
 
     def encode(
-        self, value: Any, *, key: str, soft_expiry_ms: int, load_us: int, tokens: bytes
+        self, value: Any, *, key: str, soft_expiry_ms: int, load_us: int, position: int,
+        tokens: bytes,
     ) -> bytes:
         body = self._adapter.dump_json(value, warnings=False)
         flags = 0
@@ -122,7 +125,7 @@ class ValueCodec:
         if self._cipher is not None:
             flags |= ENCRYPTED
         head = _HEAD.pack(CODEC_VERSION, flags, soft_expiry_ms, min(load_us, 0xFFFFFFFF),
-                          len(tokens) // TOKEN_SIZE, fingerprint(key)) + tokens
+                          position, len(tokens) // TOKEN_SIZE, fingerprint(key)) + tokens
         if self._cipher is None:
             return head + body
         nonce = os.urandom(_NONCE)

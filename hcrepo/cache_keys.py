@@ -5,14 +5,20 @@
     <prefix>:{c:<clinic>}:t:<tag hash>                        a tag's generation token
     <prefix>:{g}:v:<query>:<plan id>:<clinic>:<args hash>     a non-tenant plan's value
 
+The args hash covers, before the arguments, the value of every policy input
+(`tenancy.POLICY_INPUTS`, the actor for one) that the query does not declare itself
+independent of: what row-level security may shape a result by is in its key. The clinic is
+in the namespace instead.
+
 The braces are a Redis Cluster hash tag: a value, its lock and every generation it depends on
 share one slot, so one MGET or one script reads or changes them together. Plans of
 `Repository(tenant=False)` live in the `{g}` namespace and still carry the context's clinic in
 the value key, so a result that row-level security shaped is never shared across clinics.
 
 The plan id hashes the SQL text, the result type's JSON schema, whether values are encrypted,
-the tag templates and the codec version: editing the SQL, the model or the tags, or marking a
-query phi=True, makes old entries unreachable. Argument and tag hashes are keyed BLAKE2b
+the tag templates, the policy inputs it is keyed by and the codec version: editing the SQL,
+the model, the tags or `independent_of`, or marking a query phi=True, makes old entries
+unreachable. Argument and tag hashes are keyed BLAKE2b
 (the key is derived from HCREPO_CACHE_ENCRYPTION_KEY when one is set), so a name in Redis can
 neither be read back nor confirmed by hashing guesses (a date of birth, an SSN).
 """
@@ -72,10 +78,20 @@ class KeyMaker:
         return [self.namespace(clinic_id), self._global]
 
     def entry(
-        self, ns: Namespace, plan_id: str, clinic_id: UUID | None, args: Sequence[Any]
+        self,
+        ns: Namespace,
+        plan_id: str,
+        clinic_id: UUID | None,
+        policy: Sequence[Any],
+        args: Sequence[Any],
     ) -> str:
-        """`<ns>:<plan id>:<args hash>`; value and lock keys insert `v` / `l` after ns."""
+        """`<ns>:<plan id>:<args hash>`; value and lock keys insert `v` / `l` after ns.
+
+        `policy`: the values of the policy inputs the plan is keyed by (a plan id fixes how
+        many, and every encoding is self-delimiting, so they never run into the arguments)."""
         digest = hashlib.blake2b(digest_size=16, key=self._secret, person=b"hcrepo-args")
+        for value in policy:
+            _encode(value, digest.update)
         for value in args:
             _encode(value, digest.update)
         if ns is self._global:
@@ -133,10 +149,13 @@ def _encode(value: Any, feed: Feed) -> None:
     raise Uncacheable(f"no canonical cache encoding for {type(value).__name__} arguments")
 
 
-def _sequence(value: Sequence[Any], feed: Feed) -> None:
-    feed(b"[" + len(value).to_bytes(4, "big"))
-    for item in value:
-        _encode(item, feed)
+def _sequence(tag: bytes) -> Callable[[Sequence[Any], Feed], None]:
+    def encode(value: Sequence[Any], feed: Feed) -> None:
+        feed(tag + len(value).to_bytes(4, "big"))
+        for item in value:
+            _encode(item, feed)
+
+    return encode
 
 
 _ENCODERS: dict[type, Callable[[Any, Feed], None]] = {
@@ -154,6 +173,7 @@ _ENCODERS: dict[type, Callable[[Any, Feed], None]] = {
     datetime.timedelta: lambda v, feed: _text(
         b"r", f"{v.days},{v.seconds},{v.microseconds}", feed
     ),
-    list: _sequence,
-    tuple: _sequence,
+    # psycopg sends a list as an array and a tuple as a record: different statements.
+    list: _sequence(b"["),
+    tuple: _sequence(b"("),
 }

@@ -5,8 +5,11 @@ PREPAREd and described through libpq: the result columns' names, types and — f
 columns — NOT NULL constraints are compared with the declared row model or scalar, and the
 parameter types with the method signature. Every tenant table (one with `clinic_id`) a query
 touches must have row-level security enabled and forced, and the connected role must hold the
-table privileges the statement needs (PREPARE itself checks none). `SELECT *` and list reads
-without LIMIT are linted. Schema drift thus fails CI instead of production.
+table privileges the statement needs (PREPARE itself checks none). A cached query declared
+independent of a policy input (`@cached(independent_of=("actor_id",))`) must not touch a table
+whose row-level security policies read that setting (`app.actor_id`); a policy that reads it
+only through a function or a view is not seen. `SELECT *` and list reads without LIMIT are
+linted. Schema drift thus fails CI instead of production.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from hcrepo import sqlfile
 from hcrepo.config import Settings
 from hcrepo.errors import ConfigError
 from hcrepo.migrate import connect
-from hcrepo.repository import Plan, Repository
+from hcrepo.repository import Plan, Repository, reads_setting, type_name
 from hcrepo.results import Many, OneOrNone, Stream
 
 Severity = Literal["error", "warning"]
@@ -66,6 +69,14 @@ WHERE a.attrelid = %s AND a.attnum = %s
 _PRIVILEGE_SQL = """
 SELECT has_table_privilege(%(oid)s, %(privilege)s)
     OR (%(privilege)s <> 'DELETE' AND has_any_column_privilege(%(oid)s, %(privilege)s))
+"""
+_POLICIES_SQL = """
+SELECT p.policyname, p.qual, p.with_check
+FROM pg_policies p
+JOIN pg_namespace n ON n.nspname = p.schemaname
+JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename
+WHERE c.oid = %s
+ORDER BY p.policyname
 """
 _ROLE_SQL = """
 SELECT current_user::text, rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user
@@ -187,6 +198,7 @@ class _Checker:
         self._compare_result(plan, columns, report)
         self._compare_params(cls, attribute, plan, params, report)
         self._check_relations(cls, query, report)
+        self._check_independence(plan, report)
         if query.select_star:
             report("warning", "SELECT * (the result changes when the table does; name columns)")
         if isinstance(plan.shape, Many) and not isinstance(plan.shape, Stream) and (
@@ -287,8 +299,8 @@ class _Checker:
                               f"{self._type_name(column.type_oid)} with {label}")
         elif not _compatible(annotation, actual):
             report("error", f"column {column.name} is {self._type_name(column.type_oid)} "
-                            f"({_describe_type(actual)}) but {label} is "
-                            f"{_describe_type(annotation)}")
+                            f"({type_name(actual)}) but {label} is "
+                            f"{type_name(annotation)}")
 
     def _require_not_null(self, column: _Column, label: str, report: _Report) -> None:
         if not column.table_oid:
@@ -313,8 +325,8 @@ class _Checker:
             if actual is None or annotation is None or _compatible(annotation, actual):
                 continue
             report("warning", f"parameter :{name} is {self._type_name(oid)} "
-                              f"({_describe_type(actual)}) but the signature says "
-                              f"{_describe_type(annotation)}")
+                              f"({type_name(actual)}) but the signature says "
+                              f"{type_name(annotation)}")
 
     # -- tables: row-level security and privileges -----------------------------------------
 
@@ -342,6 +354,22 @@ class _Checker:
                 if allowed is not None and not allowed[0]:
                     report("error", f"the connected role has no {privilege} privilege on "
                                     f"{relname}")
+
+    def _check_independence(self, plan: Plan, report: _Report) -> None:
+        """A result shared across values of a policy input must not be shaped by it."""
+        independent = plan.cache.independent_of if plan.cache is not None else ()
+        if not independent:
+            return
+        for table in sorted(plan.query.tables):
+            relation = self._relation(table)
+            if relation is None:
+                continue
+            for policy, *expressions in self.conn.execute(_POLICIES_SQL, [relation[0]]):
+                for name in independent:
+                    if any(reads_setting(text, name) for text in expressions if text):
+                        report("error", f"@cached(independent_of={name!r}) but policy "
+                                        f"{policy} on {relation[1]} reads app.{name}: its "
+                                        f"cached results would be shared across {name}s")
 
     def _relation(self, name: str) -> tuple[Any, ...] | None:
         if name not in self._relations:
@@ -429,9 +457,3 @@ def _compatible(annotation: Any, actual: Any) -> bool:
     return isinstance(actual, type) and issubclass(actual, annotation) and not (
         actual is bool and annotation is int
     )
-
-
-def _describe_type(annotation: Any) -> str:
-    if isinstance(annotation, type) and not typing.get_args(annotation):
-        return annotation.__name__
-    return str(annotation).replace("typing.", "").replace("datetime.", "").replace("uuid.", "")

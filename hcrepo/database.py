@@ -17,7 +17,7 @@ from uuid import UUID
 import tenacity
 from prometheus_client import generate_latest
 
-from hcrepo import consistency, metrics, tenancy
+from hcrepo import tenancy
 from hcrepo.cache import Cache
 from hcrepo.config import Settings
 from hcrepo.driver_errors import RETRYABLE_SQLSTATES
@@ -32,8 +32,10 @@ from hcrepo.execution import (
     stream_rows,
 )
 from hcrepo.observer import Observer
+from hcrepo.ops import metrics
 from hcrepo.pipeline import HcConnection, Statement
-from hcrepo.routing import Router
+from hcrepo.routing import consistency
+from hcrepo.routing.router import Router
 from hcrepo.tenancy import Context
 from hcrepo.unit_of_work import UnitOfWork, begin_statement
 
@@ -45,6 +47,11 @@ R = TypeVar("R")
 _LIST_CLINICS = "/* hcrepo:for_each_clinic */ SELECT id FROM clinics ORDER BY id"
 _BEGIN = Statement("BEGIN")
 _COMMIT = Statement("COMMIT")
+# Sent before a cache fill's query: the WAL position its snapshot is known to reflect.
+POSITION_SQL = (
+    "SELECT pg_is_in_recovery(), (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
+    " ELSE pg_current_wal_insert_lsn() END)::text"
+)
 
 
 class Database:
@@ -150,9 +157,10 @@ class Database:
         if plan.shape.streams:
             return self._stream(plan, args, sql, context, self._replay_needed(scope))
         if plan.cache is not None and self._cache is not None:
-            need = self._replay_needed(scope)
+            need = scope.required(self._router.cluster)
             return self._cache.fetch(
-                plan, args, sql, context, lambda: self._read(plan, args, sql, context, need)
+                plan, args, sql, context, need,
+                lambda: self._read_positioned(plan, args, sql, context, need),
             )
         return self._read(plan, args, sql, context, self._replay_needed(scope))
 
@@ -174,6 +182,35 @@ class Database:
 
         return self._router.read(attempt, need)
 
+    def _read_positioned(
+        self, plan: Plan, args: tuple[Any, ...], sql: str, context: Context, need: int
+    ) -> tuple[Any, int]:
+        """`_read` for the cache: (value, position), the value reflecting every commit that a
+        caller whose read-your-writes position is at most `position` must see.
+
+        A replica has everything up to its replay position. A primary fill whose insert
+        position, read before its query, is past the one a writer read after its COMMIT began
+        after that COMMIT returned, hence the strict `- 1`. (The caller's own `need` is no
+        bound: on an idle primary another commit can sit at that very position, not yet
+        visible when the fill took its snapshot. So a writer's own fills serve it only once
+        the WAL has moved on.)
+        """
+        statements = [context_statement(context, plan.query.timeout_ms, read_only=True),
+                      Statement(POSITION_SQL), Statement(sql, args)]
+
+        def attempt(conn: HcConnection) -> tuple[Any, int]:
+            results = run_or_translate(conn, statements, plan.name, plan.source,
+                                       before=plan.name)
+            value = plan.shape.build(results[-1], conn.transformer, plan.name, plan.source)
+            in_recovery, lsn = results[1].get_value(0, 0), results[1].get_value(0, 1)
+            if lsn is None:  # a standby that has replayed nothing yet
+                return value, 0
+            seen = consistency.parse_lsn(lsn.decode())
+            return value, seen if in_recovery == b"\x01" else seen - 1
+
+        return self._router.read(attempt, consistency.replay_needed(need)
+                                 if self._router.replicas else 0)
+
     def _write(
         self,
         plan: Plan,
@@ -192,9 +229,10 @@ class Database:
             _COMMIT,
             fetch_lsn(),
         ]
+        tags = plan.invalidation_tags(args)  # before sending: a bad tag fails, nothing commits
         for attempt in (1, 2):
             try:
-                return self._write_once(plan, args, statements, context, positions)
+                return self._write_once(plan, statements, context, positions, tags)
             except ConnectionLost:
                 # Raised only when the pooled connection was found dead before a byte was
                 # sent: nothing can have been committed, a fresh connection may try again.
@@ -205,10 +243,10 @@ class Database:
     def _write_once(
         self,
         plan: Plan,
-        args: tuple[Any, ...],
         statements: list[Statement],
         context: Context,
         positions: tenancy.Positions,
+        tags: list[str],
     ) -> Any:
         with self._router.primary.connection() as conn:
             ensure_open(conn, before=plan.name, query=plan.name)
@@ -222,23 +260,21 @@ class Database:
                 raise
             value = plan.shape.build(results[2], conn.transformer, plan.name, plan.source)
         lsn = results[4].get_value(0, 0)
-        self._committed(context, [(plan, args)], lsn.decode() if lsn else None, positions)
+        self._committed(context, tags, lsn.decode() if lsn else None, positions)
         return value
 
     def _committed(
         self,
         context: Context,
-        writes: list[tuple[Plan, tuple[Any, ...]]],
+        tags: list[str],
         lsn: str | None,
         positions: tenancy.Positions,
     ) -> None:
         """After a successful COMMIT only: read-your-writes position, then cache invalidation."""
         if lsn is not None:
             consistency.record(positions, self._router.cluster, lsn)
-        if self._cache is not None:
-            tags = [tag for plan, args in writes for tag in plan.tags(plan.invalidates, args)]
-            if tags:
-                self._cache.invalidate(context, tags)
+        if self._cache is not None and tags:
+            self._cache.invalidate(context, tags)
 
     def _stream(
         self, plan: Plan, args: tuple[Any, ...], sql: str, context: Context, need: int

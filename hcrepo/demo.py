@@ -18,19 +18,22 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, date, datetime, timedelta
-from typing import Literal, TextIO
+from typing import TYPE_CHECKING, Literal, TextIO
 from uuid import UUID
 
 import psycopg
 
-from hcrepo import Database, ExclusionViolation, Settings, TenantContextMissing, metrics, migrate
-from hcrepo.embedded import PostgresServer, RedisServer, wait_for_replay
+from hcrepo import Database, ExclusionViolation, Settings, TenantContextMissing, migrate
 from hcrepo.healthcare import (
     AppointmentRepository,
     ClinicRepository,
     PatientRepository,
     ProviderRepository,
 )
+from hcrepo.ops import metrics
+
+if TYPE_CHECKING:
+    from hcrepo.testing import PostgresServer
 
 Sex = Literal["female", "male", "other", "unknown"]
 # Obviously fake people: (MRN, first name, last name, date of birth, sex).
@@ -46,9 +49,19 @@ CLINICS: dict[str, Sequence[tuple[str, str, str, str, Sex]]] = {
     ],
 }
 ACTOR = uuid.UUID("00000000-0000-4000-8000-00000000d3e0")  # the demo's staff member
+MISSING_EXTRA = "the demo needs the testing extra: pip install 'hcrepo[testing]'"
 
 
 def run(out: TextIO = sys.stdout) -> int:
+    # Imported here, not at the top: `hcrepo migrate` in production must not load the
+    # throw-away servers, and they need an extra production does not install.
+    try:
+        from hcrepo.testing import PostgresServer, RedisServer, wait_for_replay
+    except ImportError as exc:
+        if exc.name != "hcrepo.testing":
+            raise
+        print(f"hcrepo: {MISSING_EXTRA}", file=sys.stderr)
+        return 2
     with ExitStack() as servers:
         primary = servers.enter_context(PostgresServer())
         out.write(f"throw-away PostgreSQL on {primary.host}:{primary.port}\n")
@@ -106,6 +119,7 @@ def _walk_through(db: Database, out: TextIO, replica: PostgresServer, app_url: s
                       f"{'sees the new phone' if seen else 'STALE'} (cache invalidated at "
                       "commit, read routed past the lagging replica)\n")
         out.write(f"token for a queued job: {db.last_write_token()}\n")
+    with db.context(clinic_id=north, actor_id=ACTOR):  # the next request: no write of its own
         other = patients.search(mrn="N-0002")[0]
         hits = _cache_hits("get_patient")
         for _ in range(3):

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from loguru import logger
 from prometheus_client.metrics import Histogram
 
-from hcrepo import metrics
+from hcrepo.ops import metrics
 
 if TYPE_CHECKING:
     from hcrepo.repository import Plan

@@ -30,11 +30,10 @@ _STALE_PLAN = b"0A000"
 
 
 class Statement(NamedTuple):
-    """One statement of a batch. `sync_after` ends an implicit transaction right after it."""
+    """One statement of a batch; the batch ends with one Sync (one implicit transaction)."""
 
     sql: str
     params: Sequence[Any] = ()
-    sync_after: bool = False
     prepare: bool = True
 
     def __repr__(self) -> str:
@@ -84,7 +83,6 @@ def run(conn: HcConnection, statements: Sequence[Statement]) -> list[pq.abc.PGre
     pgconn = conn.pgconn
     transformer = conn.transformer
     replies: list[_Reply] = []
-    last = len(statements) - 1
     pgconn.enter_pipeline_mode()
     try:
         for index, statement in enumerate(statements):
@@ -116,9 +114,8 @@ def run(conn: HcConnection, statements: Sequence[Statement]) -> list[pq.abc.PGre
                     param_formats=formats, result_format=_BINARY,
                 )
             replies.append((_EXECUTE, key, index))
-            if statement.sync_after or index == last:
-                pgconn.pipeline_sync()
-                replies.append((_SYNC_REPLY, None, index))
+        pgconn.pipeline_sync()
+        replies.append((_SYNC_REPLY, None, len(statements) - 1))
         conn.wait(generators.send(pgconn))
         return _collect(conn, replies)
     finally:

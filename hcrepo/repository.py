@@ -8,15 +8,22 @@ small function that binds the keyword arguments and hands a `Plan` to the runner
 
 from __future__ import annotations
 
+import datetime
+import decimal
+import enum
 import inspect
+import re
 import string
 import sys
+import types
 import typing
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from time import perf_counter
 from typing import Any, ClassVar, NamedTuple, ParamSpec, Protocol, TypeVar
 from uuid import UUID
+
+from pydantic import ConfigDict, PydanticUserError, TypeAdapter, ValidationError
 
 from hcrepo import sqlfile, tenancy
 from hcrepo.errors import (
@@ -40,10 +47,12 @@ PAGE_PARAM = "limit"
 
 
 class CacheSpec(NamedTuple):
-    """What `@cached` declared: a TTL (seconds or a preset name) and tag templates."""
+    """What `@cached` declared: a TTL (seconds or a preset name), tag templates, and the
+    policy inputs (`tenancy.POLICY_INPUTS`) its result does not depend on."""
 
     ttl: int | str
     tags: tuple[str, ...]
+    independent_of: tuple[str, ...] = ()
 
 
 class QuerySpec(NamedTuple):
@@ -52,12 +61,42 @@ class QuerySpec(NamedTuple):
     invalidates: tuple[str, ...]
 
 
+class Arguments:
+    """Converts bound arguments to the method's declared parameter types (pydantic, lax), so
+    every spelling of a value (a UUID as upper-case, braced or plain text) is sent, hashed
+    into cache keys and formatted into tags alike."""
+
+    __slots__ = ("_adapter", "_method", "_names", "_types")
+
+    def __init__(self, method: str, names: Sequence[str], annotations: Sequence[Any]) -> None:
+        self._method = method
+        self._names = tuple(names)
+        self._types = tuple(annotations)
+        shape: Any = tuple.__class_getitem__(self._types)
+        self._adapter: TypeAdapter[tuple[Any, ...]] = TypeAdapter(
+            shape, config=ConfigDict(arbitrary_types_allowed=True)
+        )
+
+    def __call__(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        try:
+            return self._adapter.validate_python(args)
+        except ValidationError as exc:
+            # pydantic's messages may quote the input: name the parameter and its type only.
+            index = next((error["loc"][0] for error in exc.errors(include_input=False)
+                          if error["loc"] and isinstance(error["loc"][0], int)), 0)
+            raise TypeError(
+                f"{self._method}() argument {self._names[index]!r} is not a valid "
+                f"{type_name(self._types[index])}"
+            ) from None
+
+
 class Plan:
     """Everything a runner needs to execute one repository method, built once per class."""
 
     __slots__ = (
-        "cache", "defaults", "invalidates", "is_write", "max_page", "method", "name", "order",
-        "page_index", "param_names", "phi", "query", "shape", "source", "sql", "tenant_scoped",
+        "arguments", "cache", "defaults", "invalidates", "is_write", "max_page", "method",
+        "name", "order", "page_index", "param_names", "phi", "query", "shape", "source", "sql",
+        "tenant_scoped",
     )
 
     def __init__(
@@ -70,6 +109,7 @@ class Plan:
         cache: CacheSpec | None,
         defaults: dict[str, Any],
         tenant_scoped: bool,
+        arguments: Arguments | None = None,
     ) -> None:
         self.query = query
         self.name = query.name
@@ -87,9 +127,14 @@ class Plan:
         self.order = query.order_by.param if query.order_by else None
         self.page_index = query.params.index(PAGE_PARAM) if PAGE_PARAM in query.params else None
         self.max_page = query.max_page or DEFAULT_MAX_PAGE
+        # Only cached and invalidating plans convert: the others send what they are given.
+        self.arguments = arguments
 
     def bind(self, kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
-        """Arguments in `$n` order and the statement text (the chosen ORDER BY variant)."""
+        """Arguments in `$n` order and the statement text (the chosen ORDER BY variant).
+
+        A cached or invalidating plan returns the arguments converted to the declared
+        parameter types (`TypeError` naming the parameter when one does not convert)."""
         if self.defaults:
             kwargs = {**self.defaults, **kwargs}
         try:
@@ -118,6 +163,8 @@ class Plan:
                     query=self.name, source=self.source,
                 )
             sql = self.query.variants[choice]
+        if self.arguments is not None:
+            args = self.arguments(args)
         return args, sql
 
     def check_context(self, context: Context) -> None:
@@ -133,8 +180,22 @@ class Plan:
             )
 
     def tags(self, templates: Sequence[str], args: Sequence[Any]) -> list[str]:
+        """`templates` formatted from bound arguments; `TypeError` naming the template (never
+        a value) when one cannot be formatted from them."""
         values = dict(zip(self.param_names, args, strict=True))
-        return [template.format_map(values) for template in templates]
+        tags = []
+        for template in templates:
+            try:
+                tags.append(template.format_map(values))
+            except (ValueError, TypeError, KeyError, AttributeError, IndexError):
+                raise TypeError(f"{self.method}(): tag {template!r} cannot be formatted from "
+                                "its arguments") from None
+        return tags
+
+    def invalidation_tags(self, args: Sequence[Any]) -> list[str]:
+        """The `invalidates=` tags of a write from its bound arguments. Runners call it before
+        sending the write, so a tag that cannot be formatted fails before anything commits."""
+        return self.tags(self.invalidates, args) if self.invalidates else []
 
 
 class Runner(Protocol):
@@ -166,12 +227,18 @@ def query(
 
 
 def cached(
-    *, ttl: int | str, tags: Sequence[str] = ()
+    *, ttl: int | str, tags: Sequence[str] = (), independent_of: Sequence[str] = ()
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Serve the method from Redis (see hcrepo.cache); only valid on read queries."""
+    """Serve the method from Redis (see hcrepo.cache); only valid on read queries.
+
+    Entries are keyed by every policy input (`tenancy.POLICY_INPUTS`: the clinic, the
+    actor, ...) the database sees; `independent_of=("actor_id",)` shares them among a
+    clinic's actors, for a query whose result row-level security does not shape by actor.
+    """
 
     def mark(fn: Callable[P, R]) -> Callable[P, R]:
-        fn.__hcrepo_cache__ = CacheSpec(ttl, tuple(tags))  # type: ignore[attr-defined]
+        spec = CacheSpec(ttl, tuple(tags), tuple(independent_of))
+        fn.__hcrepo_cache__ = spec  # type: ignore[attr-defined]
         return fn
 
     return mark
@@ -278,11 +345,6 @@ def _plan_for(
         raise fail("@cached on a query that writes", found)
     if spec.invalidates and not found.is_write:
         raise fail("invalidates= on a read query", found)
-    for template in (*spec.invalidates, *(cache.tags if cache else ())):
-        for name in _template_fields(template):
-            if name not in found.params:
-                raise fail(f"tag {template!r} uses {name!r}, which is not a query parameter",
-                           found)
     try:
         hints = typing.get_type_hints(fn)
     except Exception as exc:
@@ -293,15 +355,120 @@ def _plan_for(
         shape = shape_for(hints["return"], returns_rows=found.returns_rows, where=method)
     except ValueError as exc:
         raise fail(str(exc).removeprefix(f"{method}: "), found) from None
+    arguments = None
+    if cache is not None or spec.invalidates:
+        arguments = _cache_contract(method, found, spec, cache, hints,
+                                    lambda message: fail(message, found))
     defaults = {
         p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty
     }
     return Plan(query=found, method=method, shape=shape, spec=spec, cache=cache,
-                defaults=defaults, tenant_scoped=getattr(cls, "__tenant_scoped__", True))
+                defaults=defaults, tenant_scoped=getattr(cls, "__tenant_scoped__", True),
+                arguments=arguments)
+
+
+def _cache_contract(
+    method: str,
+    found: sqlfile.SqlQuery,
+    spec: QuerySpec,
+    cache: CacheSpec | None,
+    hints: dict[str, Any],
+    fail: Callable[[str], SqlFileError],
+) -> Arguments | None:
+    """Checks of a cached or invalidating query, and the conversion of its arguments (keys
+    and tags must not depend on how a caller spelled a value)."""
+    if cache is not None:
+        for name in cache.independent_of:
+            if name not in tenancy.POLICY_INPUTS or name == "clinic_id":
+                allowed = [n for n in tenancy.POLICY_INPUTS if n != "clinic_id"]
+                raise fail(f"independent_of names {name!r}; it may name only "
+                           f"{', '.join(map(repr, allowed))} (the clinic is always keyed)")
+            if reads_setting(found.sql, name):
+                raise fail(f"independent_of={name!r} but the SQL reads app.{name}")
+    annotations = {name: hints.get(name, Any) for name in found.params}
+    for template in (*spec.invalidates, *(cache.tags if cache else ())):
+        _check_template(template, annotations, fail)
+    if not found.params:
+        return None
+    try:
+        return Arguments(method, found.params, list(annotations.values()))
+    except PydanticUserError as exc:
+        raise fail(f"parameters cannot be converted to their declared types ({exc.code})"
+                   ) from None
+
+
+def reads_setting(text: str, name: str) -> bool:
+    """Whether SQL text (a statement, a policy expression) names the setting `app.<name>`."""
+    return re.search(rf"\bapp\.{re.escape(name)}\b", text, re.IGNORECASE) is not None
+
+
+def _check_template(
+    template: str, annotations: dict[str, Any], fail: Callable[[str], SqlFileError]
+) -> None:
+    """Refuse at definition a tag that would fail to format at call time, where a write's
+    tags fail it only once committed unless formatted before sending: the template is
+    formatted with a sample of every type each of its parameters may hold."""
+    try:
+        fields = _template_fields(template)
+    except ValueError:
+        raise fail(f"tag {template!r} is not a valid format string") from None
+    for name in fields:
+        if name not in annotations:
+            raise fail(f"tag {template!r} uses {name!r}, which is not a query parameter")
+    samples = {name: _samples(annotations[name]) for name in fields}
+    if not all(samples.values()):
+        return  # a parameter of a type without samples (Any, a class of its own)
+    first = {name: values[0] for name, values in samples.items()}
+    for name, values in samples.items():
+        for value in values:
+            try:
+                template.format_map({**first, name: value})
+            except (ValueError, TypeError, KeyError, AttributeError, IndexError):
+                raise fail(f"tag {template!r} cannot be formatted when {name} is a "
+                           f"{type_name(type(value))}") from None
 
 
 def _template_fields(template: str) -> list[str]:
     return [field for _, field, _, _ in string.Formatter().parse(template) if field]
+
+
+_SAMPLES: dict[type, Any] = {
+    UUID: UUID(int=0), str: "x", bool: False, int: 0, float: 0.0,
+    decimal.Decimal: decimal.Decimal(0), datetime.datetime: datetime.datetime(2000, 1, 1),
+    datetime.date: datetime.date(2000, 1, 1), datetime.time: datetime.time(0),
+    datetime.timedelta: datetime.timedelta(0), bytes: b"",
+}
+_CONTAINERS: dict[Any, Callable[[list[Any]], Any]] = {
+    list: list, Sequence: list, tuple: tuple, set: set, frozenset: frozenset,
+}
+
+
+def _samples(annotation: Any) -> list[Any]:
+    """Values of each type a parameter declared `annotation` holds once converted (`X | None`
+    counts as X); [] when there is no telling."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _samples(args[0])
+    if origin in (types.UnionType, typing.Union):
+        return [value for arg in args if arg is not type(None) for value in _samples(arg)]
+    if origin is typing.Literal:
+        return list(args)
+    if origin in _CONTAINERS:
+        inner = _samples(args[0]) if args else [None]
+        return [_CONTAINERS[origin](inner[:1])] if inner else []
+    supertype = getattr(annotation, "__supertype__", None)  # typing.NewType
+    if supertype is not None:
+        return _samples(supertype)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return list(annotation)[:1]
+    return [_SAMPLES[annotation]] if annotation in _SAMPLES else []
+
+
+def type_name(annotation: Any) -> str:
+    """A type as a reader writes it: `UUID`, `list[int]`, `str | None`."""
+    if isinstance(annotation, type) and not typing.get_args(annotation):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "").replace("datetime.", "").replace("uuid.", "")
 
 
 def _method(plan: Plan, declared: Callable[..., Any]) -> Callable[..., Any]:

@@ -54,6 +54,11 @@ def _as_setting(value: UUID | None) -> str:
     return "" if value is None else str(value)
 
 
+# The Context fields every transaction sends to PostgreSQL as `app.<name>`: what row-level
+# security may read, so every cached result is keyed by each of them unless its query
+# declares it does not depend on one (`@cached(independent_of=...)`).
+POLICY_INPUTS = ("clinic_id", "actor_id")
+
 EMPTY = Context()
 UNSET: Any = object()  # "not given": None means "no clinic"
 

@@ -45,7 +45,7 @@ from hcrepo.tenancy import Context
 
 if TYPE_CHECKING:
     from hcrepo.repository import Plan
-    from hcrepo.routing import Node
+    from hcrepo.routing.node import Node
 
 ISOLATION_LEVELS = {
     "read_committed": "READ COMMITTED",
@@ -99,7 +99,7 @@ class UnitOfWork:
         self._begin = begin_statement(isolation, read_only)
         self._on_commit = on_commit
         self._hooks: list[Callable[[], None]] = []
-        self._tags: list[tuple[Plan, tuple[Any, ...]]] = []
+        self._tags: list[str] = []
         self._streams: list[Generator[Any, None, None]] = []
         self._conn: HcConnection | None = None
         self._checkout: Any = None
@@ -205,8 +205,9 @@ class UnitOfWork:
         conn = self._connection
         if plan.is_write:
             self.wrote = True
-            if plan.invalidates:
-                self._tags.append((plan, args))
+            # Formatted before the statement is sent: a tag that cannot be made fails now,
+            # not after COMMIT, when the cache could no longer be invalidated.
+            self._tags.extend(plan.invalidation_tags(args))
         if plan.shape.streams:
             if not self._begun:
                 # BEGIN must reach the server now: a statement run before the stream is
@@ -225,8 +226,8 @@ class UnitOfWork:
         return plan.shape.build(results[-2], conn.transformer, plan.name, plan.source)
 
     @property
-    def invalidations(self) -> list[tuple[Plan, tuple[Any, ...]]]:
-        """Write plans (with arguments) whose `invalidates=` tags are due after commit."""
+    def invalidations(self) -> list[str]:
+        """The `invalidates=` tags of this unit's writes, due after commit."""
         return list(self._tags)
 
     @contextmanager
@@ -300,7 +301,7 @@ class UnitOfWork:
             return
         conn = self._connection
         ensure_open(conn)  # nothing sent yet: a connection found dead here is retryable
-        statements = [Statement("COMMIT", sync_after=True)]
+        statements = [Statement("COMMIT")]  # the position is read before the one Sync
         if not self.read_only:
             # Always, not only after a write-classified statement: a read can write through a
             # function, and the position is what the caller's next reads must see.

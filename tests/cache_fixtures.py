@@ -13,7 +13,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from hcrepo import Database
-from hcrepo.embedded import RedisServer
+from hcrepo.testing import RedisServer
 from tests.cache_support import (
     ENCRYPTION_KEY,
     CachedDatabase,

@@ -16,8 +16,9 @@ import redis
 from pydantic import BaseModel
 from redis.cluster import RedisCluster
 
-from hcrepo import Database, Repository, cached, metrics, query
+from hcrepo import Database, Repository, cached, query
 from hcrepo.cache_store import CLUSTER_SCHEME
+from hcrepo.ops import metrics
 from tests.plugins.database import Database as ServerDatabase
 
 ENCRYPTION_KEY = base64.b64encode(bytes(range(32))).decode()

@@ -1,3 +1,4 @@
-"""Real servers only: fixtures live in tests/plugins (servers, then databases built on them)."""
+"""Real servers only: fixtures come from hcrepo's pytest plugin, under the suite's names in
+tests/plugins/servers.py, and the databases built on them in tests/plugins/database.py."""
 
-pytest_plugins = ["tests.plugins.servers", "tests.plugins.database"]
+pytest_plugins = ["hcrepo.testing.plugin", "tests.plugins.servers", "tests.plugins.database"]

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 import psycopg
 import pytest
 
-from hcrepo.embedded import PostgresServer
+from hcrepo.testing import PostgresServer
 from tests.plugins.servers import WaitReplayed
 from tests.routing_support import DBNAME, TABLE, Cluster, LogSink
 

@@ -22,8 +22,8 @@ from loguru import logger
 from pydantic import BaseModel
 
 from hcrepo import Database, Repository, Settings, query, tenancy
-from hcrepo.embedded import PostgresServer
-from hcrepo.node import Node
+from hcrepo.routing.node import Node
+from hcrepo.testing import PostgresServer
 from tests.plugins.servers import WaitReplayed
 from tests.wire import Relay
 

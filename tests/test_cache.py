@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
+from datetime import date
+from uuid import UUID
 
 import pytest
 import redis
 from loguru import logger
 from redis.cluster import RedisCluster
 
-from hcrepo import ConfigError, Settings
+from hcrepo import ConfigError, Repository, Settings, query
 from hcrepo.cache_codec import CODEC_VERSION
 from tests.cache_support import (
     ENCRYPTION_KEY,
@@ -31,7 +33,7 @@ from tests.cache_support import (
     value_keys,
 )
 from tests.plugins.database import Database as ServerDatabase
-from tests.repos import Clinic, MakeDatabase, new_clinic
+from tests.repos import Clinic, Clinical, MakeDatabase, new_clinic
 
 pytest_plugins = ["tests.cache_fixtures"]
 
@@ -176,6 +178,9 @@ def test_a_rolled_back_savepoint_does_not_invalidate_but_its_siblings_do(
                 CacheRepo(uow).set_phone_only(id=kept, phone="+1 555 0131")
                 raise RuntimeError("roll back to the savepoint")
             CacheRepo(uow).set_phone_only(id=changed, phone="+1 555 0132")
+    # The next request, with no write position of its own (the writer's block would skip
+    # every entry filled before its write, invalidated or not).
+    with db.context(clinic_id=a.id, actor_id=a.actor_id):
         assert repo.patient(id=kept) == before
         assert counts["hits"] == 1 and counts["misses"] == 0
         assert repo.patient(id=changed).phone == "+1 555 0132"  # type: ignore[union-attr]
@@ -376,3 +381,25 @@ def test_without_redis_or_when_disabled_reads_go_to_the_database(
         with db.context(clinic_id=a.id):
             assert CacheRepo(db).count() == PlainCount(db).count() == 3
     assert counts.delta() == {}
+
+
+class DatedWrites(Repository, sql="sql/cache.sql"):
+    @query("cache_set_phone_and_maybe_birth_date", phi=True,
+           invalidates=["patient:{id}", "day:{day:%Y-%m-%d}"])
+    def set_phone_and_day(self, *, id: UUID, phone: str, day: date | None) -> int: ...
+
+
+def test_a_tag_that_cannot_be_formatted_fails_before_the_write_is_sent(
+    cached_db: CachedDatabase, migrated_db: ServerDatabase
+) -> None:
+    db = cached_db()
+    clinic = new_clinic(migrated_db.superuser_url)
+    patient = clinic.patient_ids[0]
+    with db.context(clinic_id=clinic.id, actor_id=clinic.actor_id):
+        assert DatedWrites(db).set_phone_and_day(id=patient, phone="+1 555 0101",
+                                                 day=date(1990, 1, 2)) == 1
+        with pytest.raises(TypeError, match="day:"):
+            DatedWrites(db).set_phone_and_day(id=patient, phone="+1 555 0102", day=None)
+        with pytest.raises(TypeError, match="day:"), db.unit_of_work() as uow:
+            DatedWrites(uow).set_phone_and_day(id=patient, phone="+1 555 0103", day=None)
+        assert Clinical(db).patient(id=patient).phone == "+1 555 0101"  # type: ignore[union-attr]

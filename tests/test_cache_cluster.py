@@ -12,7 +12,7 @@ from redis.crc import key_slot
 
 from hcrepo.cache_keys import KeyMaker
 from hcrepo.cache_store import CLUSTER_SCHEME
-from hcrepo.embedded import RedisCluster as EmbeddedCluster
+from hcrepo.testing import RedisCluster as EmbeddedCluster
 from tests.cache_support import CachedDatabase, CacheRepo, keys_of
 from tests.plugins.database import Database as ServerDatabase
 from tests.repos import Clinic, new_clinic
@@ -50,12 +50,12 @@ def test_an_entry_its_lock_and_its_generations_share_one_slot() -> None:
     keys = KeyMaker("hc", None)
     clinic = uuid.uuid4()
     ns = keys.namespace(clinic)
-    entry = keys.entry(ns, "get_patient:abc", clinic, (uuid.uuid4(),))
+    entry = keys.entry(ns, "get_patient:abc", clinic, (uuid.uuid4(),), (uuid.uuid4(),))
     together = [keys.value_key(ns, entry), keys.lock_key(ns, entry),
                 keys.tag_key(ns, "patient:1"), keys.tag_key(ns, "patients")]
     assert len({key_slot(key.encode()) for key in together}) == 1
     shared = keys.namespace(None, tenant_scoped=False)
-    entry = keys.entry(shared, "clinics:abc", clinic, ())
+    entry = keys.entry(shared, "clinics:abc", clinic, (), ())
     assert clinic.hex in keys.value_key(shared, entry)  # non-tenant values still name a clinic
     assert key_slot(keys.value_key(shared, entry).encode()) == key_slot(
         keys.tag_key(shared, "clinic:1").encode()

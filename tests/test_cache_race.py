@@ -26,7 +26,7 @@ from redis.cluster import RedisCluster
 
 from hcrepo import Database, Settings, bind_context
 from hcrepo.cache_codec import read_header, rewrite_soft_expiry
-from hcrepo.embedded import PostgresServer, RedisServer
+from hcrepo.testing import PostgresServer, RedisServer
 from tests.cache_support import (
     ENCRYPTION_KEY,
     CachedDatabase,
@@ -190,14 +190,16 @@ def test_processes_missing_at_once_cost_one_database_query(
         with server.client() as watcher:
             own = watcher.client_id()
 
-            def missed() -> int:
+            def sent(command: str) -> int:
                 return sum(1 for c in watcher.client_list()
-                           if int(c["id"]) != own and c["cmd"] == "mget")
+                           if int(c["id"]) != own and c["cmd"] == command)
 
             # The value cannot exist while the gate is shut, so each process whose read
-            # connection has sent its MGET has missed: wait for all, then let the query run.
-            until(lambda: gate.waiting() == 1 and missed() == processes, timeout=60,
-                  what="every process to miss")
+            # connection has sent its MGET has missed; one whose script connection has also
+            # asked for the fill lock waits for the holder: wait for all, then let the query
+            # run (a process let go between the two would find the lock free).
+            until(lambda: gate.waiting() == 1 and sent("mget") == processes
+                  and sent("evalsha") == processes, timeout=60, what="every process to miss")
         gate.open()
         outcomes = [results.get(timeout=60) for _ in range(processes)]
     finally:

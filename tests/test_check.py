@@ -205,6 +205,26 @@ def test_schema_drift_in_types_nullability_and_row_level_security(
         "security" in errors
 
 
+def test_a_policy_reading_the_actor_fails_queries_cached_independent_of_it(
+    drifted: ServerDatabase,
+) -> None:
+    assert messages(run_check(drifted.app_url, [PatientRepository])) == []
+    with psycopg.connect(drifted.owner_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE patients ADD COLUMN created_by uuid")
+        conn.execute("CREATE POLICY seen_by_their_actor ON patients AS RESTRICTIVE FOR SELECT "
+                     "USING (created_by = NULLIF(current_setting('app.actor_id', true), '')"
+                     "::uuid)")
+    findings = [f for f in run_check(drifted.app_url, [PatientRepository, ProviderRepository])
+                if f.severity == "error"]
+    get_patient = next(q for q in PatientRepository.__plans__.values() if q.name == "get_patient")
+    assert [(f.path, f.line, f.message) for f in findings] == [(
+        get_patient.query.path, get_patient.query.line,
+        "PatientRepository.get: @cached(independent_of='actor_id') but policy "
+        "seen_by_their_actor on patients reads app.actor_id: its cached results would be "
+        "shared across actor_ids",
+    )]  # only the cached read declared independent; providers' policies do not read it
+
+
 def test_the_command_exits_zero_on_a_clean_database(migrated_db: ServerDatabase) -> None:
     result = check_cli(env={"DATABASE_URL": migrated_db.app_url})
     assert (result.returncode, result.stdout) == (0, "")

@@ -12,7 +12,7 @@ import pytest
 
 from hcrepo import migrate
 from hcrepo.cli import main
-from hcrepo.embedded import PostgresServer, free_port
+from hcrepo.testing import PostgresServer, free_port
 from tests.plugins.database import OWNER_PASSWORD, FreshDatabase
 
 ROOT = Path(__file__).resolve().parents[1]

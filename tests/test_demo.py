@@ -17,6 +17,19 @@ import pytest
 from hcrepo import demo
 
 ROOT = Path(__file__).resolve().parents[1]
+# Modules a production command must not load: the throw-away servers and their extra.
+_TESTING_MODULES = (
+    "sorted(m for m in sys.modules if m.startswith('hcrepo.testing')"
+    " or m.partition('.')[0] in ('pytest', '_pytest', 'pytest_postgresql'))"
+)
+
+
+def _python(script: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT)},
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )
 
 
 @pytest.fixture
@@ -68,3 +81,29 @@ def test_demo_removes_its_server_when_it_fails(scratch: Path) -> None:
     port = int(out.getvalue().rsplit(":", 1)[1])
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", port)) != 0  # nobody listens there any more
+
+
+def test_demo_without_the_testing_extra_says_how_to_get_it_and_exits_2() -> None:
+    result = _python(
+        "import sys\n"
+        "sys.modules['pytest_postgresql'] = None  # the testing extra is not installed\n"
+        "from hcrepo.cli import main\n"
+        "sys.exit(main(['demo']))\n"
+    )
+    assert (result.returncode, result.stdout) == (2, "")  # no server was started
+    assert result.stderr.splitlines() == [f"hcrepo: {demo.MISSING_EXTRA}"]
+    assert "pip install 'hcrepo[testing]'" in result.stderr
+
+
+def test_the_cli_and_migrate_help_do_not_load_the_throw_away_servers() -> None:
+    result = _python(
+        "import sys\n"
+        "import hcrepo.cli\n"
+        f"after_import = {_TESTING_MODULES}\n"
+        "try:\n"
+        "    hcrepo.cli.main(['migrate', '--help'])\n"
+        "except SystemExit as exit:\n"
+        f"    print(repr((exit.code, after_import, {_TESTING_MODULES})), file=sys.stderr)\n"
+    )
+    assert result.stderr == "(0, [], [])\n"
+    assert "apply" in result.stdout  # the help was printed

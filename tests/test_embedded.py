@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import signal
+import socket
 import subprocess
+import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -15,7 +20,7 @@ import redis.cluster
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from hcrepo.embedded import (
+from hcrepo.testing import (
     MIN_PG_MAJOR,
     PG_BINARIES,
     SERVICE_USER,
@@ -29,6 +34,15 @@ from hcrepo.embedded import (
 from tests.plugins.servers import RedisFactory, WaitReplayed
 
 DEFAULT_PORTS = {5432, 6379}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT)},
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )
 
 
 def _scalar(url: str, sql: str) -> object:
@@ -246,3 +260,116 @@ def test_redis_cluster_is_ok_and_spreads_keys_over_its_nodes(
             client.set(key, str(port))
         for port, key in keys_by_port.items():
             assert client.get(key) == str(port).encode()
+
+
+def test_without_the_testing_extra_the_package_names_the_install_command() -> None:
+    result = _python(
+        "import sys\n"
+        "sys.modules['pytest_postgresql'] = None  # the testing extra is not installed\n"
+        "try:\n"
+        "    import hcrepo.testing\n"
+        "except ImportError as exc:\n"
+        "    print(exc.name, exc, sep='\\n')\n"
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == (
+        "hcrepo.testing\n"
+        "hcrepo.testing needs the testing extra: pip install 'hcrepo[testing]'\n"
+    )
+
+
+def test_the_exit_hook_is_registered_by_the_first_server_not_by_the_import() -> None:
+    result = _python(
+        "import atexit\n"
+        # What the package imports anyway, so that only its own registrations are counted.
+        "import psycopg, pytest_postgresql, redis, redis.backoff, redis.retry, hcrepo\n"
+        "before = atexit._ncallbacks()\n"
+        "import hcrepo.testing\n"
+        "imported = atexit._ncallbacks() - before\n"
+        "hcrepo.testing.RedisServer().close()\n"
+        "first = atexit._ncallbacks() - before\n"
+        "hcrepo.testing.RedisServer().close()\n"
+        "print(imported, first, atexit._ncallbacks() - before)\n"
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == "0 1 1\n"
+
+
+def test_a_server_nobody_closed_is_closed_at_interpreter_exit() -> None:
+    scratch = Path(tempfile.mkdtemp(prefix="hcrepo-leftover-test-"))
+    scratch.chmod(0o755)  # reachable by the service user
+    try:
+        result = _python(
+            "import sys\n"
+            "from pathlib import Path\n"
+            "from hcrepo.testing import RedisServer\n"
+            "server = RedisServer(base_dir=Path(sys.argv[1])).start()\n"
+            "print(server.port, server.client().info('server')['process_id'])\n",
+            str(scratch),
+        )
+        assert (result.returncode, result.stderr) == (0, "")
+        port, pid = map(int, result.stdout.split())
+        with socket.socket() as sock:
+            listening = sock.connect_ex(("127.0.0.1", port)) == 0
+        if listening:  # the hook failed: do not leave its server behind
+            os.kill(pid, signal.SIGKILL)
+        assert not listening
+        assert list(scratch.iterdir()) == []
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+_APPLICATION_TESTS = '''
+import psycopg
+
+made = []
+
+
+def scalar(url, query, params=()):
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(query, params).fetchone()[0]
+
+
+def test_a_primary_its_replica_and_redis(
+    hcrepo_postgres, hcrepo_replica, hcrepo_wait_replayed, hcrepo_redis
+):
+    with psycopg.connect(hcrepo_postgres.superuser_url, autocommit=True) as conn:
+        conn.execute("create table written (x int)")
+        conn.execute("insert into written values (7)")
+    hcrepo_wait_replayed(hcrepo_replica)
+    assert scalar(hcrepo_replica.superuser_url, "select x from written") == 7
+    assert scalar(hcrepo_replica.superuser_url, "select pg_is_in_recovery()") is True
+    with hcrepo_redis.client() as client:
+        assert client.ping()
+
+
+def test_a_database_of_its_own_handed_to_the_owner_role(hcrepo_database):
+    made.append(hcrepo_database.dbname)
+    hcrepo_database.bootstrap(owner_password="app-owner")
+    owner = scalar(
+        hcrepo_database.superuser_url,
+        "select pg_get_userbyid(datdba) from pg_database where datname = current_database()",
+    )
+    assert owner == "hcrepo_owner"
+
+
+def test_the_database_is_dropped_after_its_test(hcrepo_postgres):
+    assert len(made) == 1
+    query = "select count(*) from pg_database where datname = %s"
+    assert scalar(hcrepo_postgres.superuser_url, query, made) == 0
+'''
+
+
+def test_an_application_suite_gets_servers_and_databases_from_the_plugin(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "conftest.py").write_text('pytest_plugins = ["hcrepo.testing.plugin"]\n')
+    (tmp_path / "test_application.py").write_text(_APPLICATION_TESTS)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
+         str(tmp_path)],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT)},
+        cwd=tmp_path, capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "3 passed" in result.stdout

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from hcrepo.breaker import BreakerState
-from hcrepo.embedded import free_port
+from hcrepo.ops.breaker import BreakerState
+from hcrepo.testing import free_port
 from tests.routing_support import DBNAME, Cluster, LogSink, Routing, ports, until
 
 pytest_plugins = ["tests.routing_fixtures"]

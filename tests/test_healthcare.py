@@ -27,7 +27,6 @@ from hcrepo import (
     TenantContextMissing,
     UniqueViolation,
 )
-from hcrepo.embedded import RedisServer
 from hcrepo.healthcare import (
     AppointmentRepository,
     ClinicRepository,
@@ -40,6 +39,7 @@ from hcrepo.healthcare import (
     UserRepository,
 )
 from hcrepo.repository import Repository
+from hcrepo.testing import RedisServer
 from tests.plugins.database import Database as ServerDatabase
 from tests.plugins.database import Seed
 
@@ -481,43 +481,47 @@ def test_patient_timeline_merges_newest_first(db: Database, tenant: Tenant) -> N
 
 
 def test_cached_reads_are_invalidated_by_the_writes_that_change_them(
-    db: Database, migrated_db: ServerDatabase, redis_server: RedisServer, tenant: Tenant
+    migrated_db: ServerDatabase, redis_server: RedisServer, tenant: Tenant
 ) -> None:
-    with tenant.scope(db):
-        settings = Settings(
-            database_url=migrated_db.app_url, redis_url=redis_server.url, pool_min=1, pool_max=2,
-            cache_key_prefix=f"hc-{uuid.uuid4().hex[:6]}",
-            cache_encryption_key=base64.b64encode(os.urandom(32)).decode(),
-        )
-        with Database(settings) as cached_db:
+    settings = Settings(
+        database_url=migrated_db.app_url, redis_url=redis_server.url, pool_min=1, pool_max=2,
+        cache_key_prefix=f"hc-{uuid.uuid4().hex[:6]}",
+        cache_encryption_key=base64.b64encode(os.urandom(32)).decode(),
+    )
+    with Database(settings) as cached_db:
+        patients = PatientRepository(cached_db)
+        appointments = AppointmentRepository(cached_db)
+        providers = ProviderRepository(cached_db)
+        with tenant.scope(cached_db):
             patient = new_patient(cached_db, phone="+1 555 0100")
-            appointment = AppointmentRepository(cached_db).book(
+            appointment = appointments.book(
                 patient_id=patient.id, provider_id=tenant.provider_id, starts_at=NINE,
                 ends_at=NINE + timedelta(minutes=30))
-            patients = PatientRepository(cached_db)
-            appointments = AppointmentRepository(cached_db)
-            providers = ProviderRepository(cached_db)
+        # The next requests, which wrote nothing themselves (a writer's own block skips the
+        # entries filled before its write).
+        with tenant.scope(cached_db):
             assert patients.get(id=patient.id) == patient
             assert appointments.get(id=appointment.id) == appointment
             provider = providers.get(id=tenant.provider_id)
             assert provider is not None and not provider.on_call
-
-            # Changed behind hcrepo's back: the cached values are still served ...
-            with psycopg.connect(migrated_db.superuser_url, autocommit=True) as conn:
-                conn.execute("UPDATE patients SET address = 'behind' WHERE id = %s", [patient.id])
-                conn.execute("UPDATE appointments SET reason = 'behind' WHERE id = %s",
-                             [appointment.id])
-                conn.execute("UPDATE providers SET specialty = 'behind' WHERE id = %s",
-                             [tenant.provider_id])
+        # Changed behind hcrepo's back: the cached values are still served ...
+        with psycopg.connect(migrated_db.superuser_url, autocommit=True) as conn:
+            conn.execute("UPDATE patients SET address = 'behind' WHERE id = %s", [patient.id])
+            conn.execute("UPDATE appointments SET reason = 'behind' WHERE id = %s",
+                         [appointment.id])
+            conn.execute("UPDATE providers SET specialty = 'behind' WHERE id = %s",
+                         [tenant.provider_id])
+        with tenant.scope(cached_db):
             assert patients.get(id=patient.id) == patient
             assert appointments.get(id=appointment.id) == appointment
             assert providers.get(id=tenant.provider_id) == provider
-
-            # ... until a repository write declares the same tag.
+        # ... until a repository write declares the same tag: then every request misses.
+        with tenant.scope(cached_db):
             patients.update_contact(id=patient.id, phone="+1 555 0199", email=None,
                                     address="1 Main St")
             appointments.cancel(id=appointment.id)
             providers.set_on_call(id=tenant.provider_id, on_call=True)
+        with tenant.scope(cached_db):
             fresh_patient = patients.get(id=patient.id)
             assert fresh_patient is not None and fresh_patient.phone == "+1 555 0199"
             fresh_appointment = appointments.get(id=appointment.id)

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from hcrepo import Database, Settings
-from hcrepo.embedded import PgBouncer, PostgresServer
+from hcrepo.testing import PgBouncer, PostgresServer
 from tests.plugins.database import APP_PASSWORD
 from tests.plugins.database import Database as ServerDatabase
 from tests.repos import Clinic, Clinical, new_clinic

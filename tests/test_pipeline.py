@@ -13,7 +13,7 @@ from tests.plugins.database import Database
 
 
 def _connect(url: str) -> HcConnection:
-    # As the pools make them (hcrepo/node.py): autocommit, psycopg's own prepares off.
+    # As the pools make them (hcrepo/routing/node.py): autocommit, psycopg's own prepares off.
     return HcConnection.connect(url, autocommit=True, prepare_threshold=None)
 
 
@@ -31,11 +31,11 @@ def _text(conn: HcConnection, sql: str) -> str:
 
 
 def test_a_failed_prepare_leaves_new_statements_working(app_conn: HcConnection) -> None:
-    # The PREPARE fails; the statement after the Sync is prepared and runs.
+    # The PREPARE fails and is forgotten; statements prepared afterwards get names of their own.
     with pytest.raises(PipelineError) as failed:
         pipeline.run(app_conn, [
-            Statement("SELECT no_such_column FROM clinics", sync_after=True),
-            Statement("SELECT 'after the sync'::text"),
+            Statement("SELECT no_such_column FROM clinics"),
+            Statement("SELECT 'skipped with it'::text"),
         ])
     assert (failed.value.error.sqlstate, failed.value.index) == ("42703", 0)
     assert _text(app_conn, "SELECT 'after the sync'::text") == "after the sync"

@@ -20,7 +20,7 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from hcrepo import migrate
-from hcrepo.embedded import PostgresServer
+from hcrepo.testing import PostgresServer
 from tests.plugins.database import (
     Database,
     FreshDatabase,

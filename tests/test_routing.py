@@ -13,8 +13,9 @@ import psycopg
 import pytest
 from prometheus_client import generate_latest
 
-from hcrepo import ConfigError, Database, InvalidToken, Settings, metrics
-from hcrepo.consistency import format_lsn, parse_lsn
+from hcrepo import ConfigError, Database, InvalidToken, Settings
+from hcrepo.ops import metrics
+from hcrepo.routing.consistency import format_lsn, parse_lsn
 from tests.routing_support import (
     Cluster,
     Found,
@@ -430,7 +431,7 @@ def test_routing_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPa
 
 
 def test_a_commit_ending_on_a_wal_page_boundary_needs_only_the_boundary() -> None:
-    from hcrepo.consistency import commit_end
+    from hcrepo.routing.consistency import commit_end
 
     page, segment = 8192, 16 * 1024 * 1024
     assert commit_end(5 * segment + 3 * page + 24) == 5 * segment + 3 * page

@@ -46,7 +46,7 @@ PatientSort = Literal[
 
 class ClinicRepository(Repository, sql=str(SQL / "clinics.sql"), tenant=False):
     @query("get_clinic")
-    @cached(ttl="clinic", tags=["clinic:{id}"])
+    @cached(ttl="clinic", tags=["clinic:{id}"], independent_of=("actor_id",))
     def get(self, *, id: UUID) -> Clinic | None: ...
 
     @query("list_clinics")
@@ -67,7 +67,7 @@ class UserRepository(Repository, sql=str(SQL / "users.sql")):
     """Staff accounts, visible and changeable only through a membership in the current clinic."""
 
     @query("get_user")
-    @cached(ttl="clinic", tags=["user:{id}"])
+    @cached(ttl="clinic", tags=["user:{id}"], independent_of=("actor_id",))
     def get(self, *, id: UUID) -> User | None: ...
 
     @query("get_user_by_email")
@@ -103,7 +103,7 @@ class StaffRepository(Repository, sql=str(SQL / "users.sql")):
 
 class PatientRepository(Repository, sql=str(SQL / "patients.sql")):
     @query("get_patient", phi=True)
-    @cached(ttl="patient", tags=["patient:{id}"])
+    @cached(ttl="patient", tags=["patient:{id}"], independent_of=("actor_id",))
     def get(self, *, id: UUID) -> Patient | None: ...
 
     @query("get_patient_by_mrn", phi=True)
@@ -173,7 +173,7 @@ class PatientRepository(Repository, sql=str(SQL / "patients.sql")):
 
 class ProviderRepository(Repository, sql=str(SQL / "providers.sql")):
     @query("get_provider")
-    @cached(ttl="clinic", tags=["provider:{id}"])
+    @cached(ttl="clinic", tags=["provider:{id}"], independent_of=("actor_id",))
     def get(self, *, id: UUID) -> Provider | None: ...
 
     @query("list_providers")
@@ -203,7 +203,7 @@ class ProviderRepository(Repository, sql=str(SQL / "providers.sql")):
 
 class AppointmentRepository(Repository, sql=str(SQL / "appointments.sql")):
     @query("get_appointment", phi=True)
-    @cached(ttl="appointment", tags=["appointment:{id}"])
+    @cached(ttl="appointment", tags=["appointment:{id}"], independent_of=("actor_id",))
     def get(self, *, id: UUID) -> Appointment | None: ...
 
     @query("provider_day", phi=True)
@@ -245,7 +245,7 @@ class AppointmentRepository(Repository, sql=str(SQL / "appointments.sql")):
 
 class EncounterRepository(Repository, sql=str(SQL / "encounters.sql")):
     @query("get_encounter", phi=True)
-    @cached(ttl="patient", tags=["encounter:{id}"])
+    @cached(ttl="patient", tags=["encounter:{id}"], independent_of=("actor_id",))
     def get(self, *, id: UUID) -> Encounter | None: ...
 
     @query("patient_encounters", phi=True)
@@ -276,7 +276,7 @@ class EncounterRepository(Repository, sql=str(SQL / "encounters.sql")):
 
 class PrescriptionRepository(Repository, sql=str(SQL / "prescriptions.sql")):
     @query("get_prescription", phi=True)
-    @cached(ttl="patient", tags=["prescription:{id}"])
+    @cached(ttl="patient", tags=["prescription:{id}"], independent_of=("actor_id",))
     def get(self, *, id: UUID) -> Prescription | None: ...
 
     @query("patient_prescriptions", phi=True)

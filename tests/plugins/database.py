@@ -3,7 +3,8 @@
 `migrated_db` (session) is the schema every tenant-aware test runs against, reached as the
 superuser, the owner (`hcrepo_owner`) or the application role (`hcrepo_app`). `seeded`
 (session) puts three clinics in it. `fresh_database` makes empty bootstrapped databases
-for tests that apply and roll back migrations themselves, and drops them afterwards.
+for tests that apply and roll back migrations themselves: the plugin's DatabaseJanitor
+creates them and drops them afterwards.
 
 Roles are cluster-wide, so every database here shares one owner and one app password.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -23,7 +24,8 @@ import pytest
 from psycopg import sql
 
 from hcrepo import migrate
-from hcrepo.embedded import PostgresServer
+from hcrepo.testing import PostgresServer
+from hcrepo.testing.plugin import DatabaseFactory
 
 OWNER_PASSWORD = "hcrepo-owner-test"
 APP_PASSWORD = "hcrepo-app-test"
@@ -55,6 +57,10 @@ def bootstrap_database(server: PostgresServer, dbname: str) -> Database:
     owner_url = migrate.bootstrap(
         server.superuser_url, database=dbname, owner_password=OWNER_PASSWORD
     )
+    return _database(server, dbname, owner_url)
+
+
+def _database(server: PostgresServer, dbname: str, owner_url: str) -> Database:
     return Database(
         server=server,
         dbname=dbname,
@@ -84,21 +90,15 @@ FreshDatabase = Callable[[], Database]
 
 
 @pytest.fixture
-def fresh_database(pg_primary: PostgresServer) -> Iterator[FreshDatabase]:
+def fresh_database(hcrepo_database_factory: DatabaseFactory) -> FreshDatabase:
     """Factory of new, empty, bootstrapped databases; all dropped after the test."""
-    created: list[str] = []
 
     def make() -> Database:
-        dbname = f"hcrepo_fresh_{uuid.uuid4().hex[:12]}"
-        created.append(dbname)
-        return bootstrap_database(pg_primary, dbname)
+        scratch = hcrepo_database_factory()
+        owner_url = scratch.bootstrap(owner_password=OWNER_PASSWORD)
+        return _database(scratch.server, scratch.dbname, owner_url)
 
-    yield make
-    with psycopg.connect(pg_primary.superuser_url, autocommit=True) as conn:
-        for dbname in created:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
-            )
+    return make
 
 
 # --- seed -------------------------------------------------------------------------------

@@ -1,26 +1,18 @@
-"""Fixtures for the throw-away servers of hcrepo.embedded.
+"""The suite's server fixtures under their own names, all from hcrepo.testing.plugin.
 
-Session-scoped so the whole suite shares one primary, its replicas, one Redis and one
-Redis Cluster; each is started only when a test first asks for it and torn down at the
-end of the session whatever the tests did.
+One implementation serves this suite and applications' suites alike: each fixture here is
+the plugin's (session-scoped, started when first asked for, torn down at the end of the
+session whatever the tests did).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from typing import Protocol
-
 import pytest
 
-from hcrepo.embedded import (
-    PostgresServer,
-    RedisCluster,
-    RedisServer,
-    wait_for_replay,
-)
+from hcrepo.testing import PostgresServer, RedisCluster, RedisServer
+from hcrepo.testing.plugin import RedisFactory, WaitReplayed
 
-REPLICA_COUNT = 2
+__all__ = ["RedisFactory", "WaitReplayed"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -30,69 +22,42 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(scope="session")
-def pg_primary() -> Iterator[PostgresServer]:
+def pg_primary(hcrepo_postgres: PostgresServer) -> PostgresServer:
     """A started PostgreSQL primary; the superuser is `postgres` / superuser_password."""
-    with PostgresServer() as server:
-        yield server
+    return hcrepo_postgres
 
 
 @pytest.fixture(scope="session")
-def pg_replicas(pg_primary: PostgresServer) -> Iterator[list[PostgresServer]]:
+def pg_replicas(hcrepo_replicas: list[PostgresServer]) -> list[PostgresServer]:
     """Two hot-standby streaming replicas of pg_primary."""
-    with contextlib.ExitStack() as stack:
-        replicas = []
-        for _ in range(REPLICA_COUNT):
-            replica = pg_primary.create_replica()
-            stack.callback(replica.close)
-            replicas.append(replica)
-        yield replicas
+    return hcrepo_replicas
 
 
 @pytest.fixture(scope="session")
-def pg_replica(pg_replicas: list[PostgresServer]) -> PostgresServer:
+def pg_replica(hcrepo_replica: PostgresServer) -> PostgresServer:
     """The first streaming replica of pg_primary."""
-    return pg_replicas[0]
-
-
-class WaitReplayed(Protocol):
-    def __call__(self, replica: PostgresServer, lsn: str | None = None) -> None: ...
+    return hcrepo_replica
 
 
 @pytest.fixture(scope="session")
-def wait_replayed(pg_primary: PostgresServer) -> WaitReplayed:
+def wait_replayed(hcrepo_wait_replayed: WaitReplayed) -> WaitReplayed:
     """Block until a replica has replayed `lsn` (default: the primary's LSN right now)."""
-
-    def wait(replica: PostgresServer, lsn: str | None = None) -> None:
-        primary = replica.primary or pg_primary
-        wait_for_replay(replica, lsn if lsn is not None else primary.current_wal_lsn())
-
-    return wait
+    return hcrepo_wait_replayed
 
 
 @pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
+def redis_server(hcrepo_redis: RedisServer) -> RedisServer:
     """A started Redis shared by the session: a test that kill()s it must restart() it."""
-    with RedisServer() as server:
-        yield server
-
-
-class RedisFactory(Protocol):
-    def __call__(self, *extra_args: str) -> RedisServer: ...
+    return hcrepo_redis
 
 
 @pytest.fixture
-def redis_factory() -> Iterator[RedisFactory]:
+def redis_factory(hcrepo_redis_factory: RedisFactory) -> RedisFactory:
     """Start extra Redis servers (extra redis-server arguments allowed) closed after the test."""
-    with contextlib.ExitStack() as stack:
-
-        def start(*extra_args: str) -> RedisServer:
-            return stack.enter_context(RedisServer(extra_args=extra_args))
-
-        yield start
+    return hcrepo_redis_factory
 
 
 @pytest.fixture(scope="session")
-def redis_cluster() -> Iterator[RedisCluster]:
+def redis_cluster(hcrepo_redis_cluster: RedisCluster) -> RedisCluster:
     """A started three-master Redis Cluster."""
-    with RedisCluster() as cluster:
-        yield cluster
+    return hcrepo_redis_cluster

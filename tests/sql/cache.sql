@@ -28,3 +28,13 @@ WHERE p.id = :id
 -- name: cache_gated_count
 -- timeout: 30s
 SELECT count(*) FROM patients, LATERAL (SELECT pg_advisory_xact_lock_shared(:gate)) AS g
+
+-- name: cache_actor_setting
+SELECT current_setting('app.actor_id', true)
+
+-- name: cache_set_birth_date
+UPDATE patients SET date_of_birth = :day WHERE id = :id
+
+-- name: cache_set_phone_and_maybe_birth_date
+UPDATE patients SET phone = :phone, date_of_birth = coalesce(:day, date_of_birth)
+WHERE id = :id

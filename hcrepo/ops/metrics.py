@@ -2,7 +2,7 @@
 
 Labels are query names and fixed words chosen by hcrepo, never argument or row values:
 nothing a caller passes can reach a label (invariant 7). Expose with
-`prometheus_client.generate_latest(hcrepo.metrics.REGISTRY)`.
+`prometheus_client.generate_latest(hcrepo.ops.metrics.REGISTRY)`.
 """
 
 from __future__ import annotations

@@ -33,17 +33,16 @@ import psycopg_pool
 from loguru import logger
 from psycopg.conninfo import conninfo_to_dict
 
-from hcrepo.breaker import BreakerState, CircuitBreaker
 from hcrepo.config import Settings
-from hcrepo.counters import Counter
 from hcrepo.errors import ConnectionLost, PoolTimeout
-from hcrepo.health import NodeHealth
+from hcrepo.ops.breaker import CLOSED, BreakerState, CircuitBreaker
+from hcrepo.ops.counters import Counter
 from hcrepo.pipeline import HcConnection
+from hcrepo.routing.health import NodeHealth
 
 _ROLE_SQL = "/* hcrepo:role */ SELECT pg_is_in_recovery(), pg_postmaster_start_time()"
 # Frames kept per checkout for the leak warning: enough to reach application code.
 _STACK_LIMIT = 16
-_CLOSED = BreakerState.CLOSED
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
@@ -295,7 +294,7 @@ class Node:
         """May plain reads go here? (For replicas; the primary always takes reads last.)"""
         health = self.health
         return (
-            self.breaker.state is _CLOSED
+            self.breaker.state is CLOSED
             and health.up is not False  # the latest probe failed: do not wait for the breaker
             and health.role_ok
             and not health.lagging
@@ -332,7 +331,7 @@ class Node:
         """A call worked. Only a closed breaker's failure count is reset here: an open one
         is closed by the monitor's trial, never by a call that started before it opened."""
         breaker = self.breaker
-        if breaker.state is _CLOSED:
+        if breaker.state is CLOSED:
             breaker.success()
 
     def failed(self, reason: str) -> None:
@@ -355,7 +354,7 @@ class Node:
         """
         breaker = self.breaker
         state = breaker.state
-        if state is _CLOSED:
+        if state is CLOSED:
             breaker.success()
             return
         if state is BreakerState.OPEN or not breaker.allow():

@@ -1,10 +1,11 @@
 """Which server answers: the primary for writes and units of work, a replica for plain reads.
 
 A read goes to a routable replica (breaker closed, role verified, lag within both maximums)
-chosen by HCREPO_ROUTING_POLICY; if the caller's block carries a read-your-writes position, only
-to one that has replayed it (`hcrepo.consistency`), else to the primary. A read that fails on a
-replica — connection lost, pool exhausted, or cancelled by a hot-standby conflict — is retried
-in the same call on the next replica and finally on the primary: the caller sees no error.
+chosen by HCREPO_ROUTING_POLICY; if the caller's block carries a read-your-writes position,
+only to one that has replayed it (`hcrepo.routing.consistency`), else to the primary. A read
+that fails on a replica — connection lost, pool exhausted, or cancelled by a hot-standby
+conflict — is retried in the same call on the next replica and finally on the primary: the
+caller sees no error.
 With replicas configured but none routable, reads go to the primary; that degraded state is
 logged once when it starts and once when it ends, and counted.
 
@@ -25,16 +26,14 @@ from loguru import logger
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from hcrepo import metrics
-from hcrepo.breaker import BreakerState
 from hcrepo.config import RoutingPolicy, Settings
-from hcrepo.counters import Counters
 from hcrepo.errors import ConnectionLost, DatabaseError, HcrepoError, PoolTimeout
-from hcrepo.health import HealthMonitor
-from hcrepo.node import Node, address
+from hcrepo.ops import metrics
+from hcrepo.ops.breaker import CLOSED
+from hcrepo.ops.counters import Counters
 from hcrepo.pipeline import HcConnection
-
-__all__ = ["RECOVERY_CONFLICT", "Node", "Router"]
+from hcrepo.routing.monitor import HealthMonitor
+from hcrepo.routing.node import Node, address
 
 R = TypeVar("R")
 
@@ -42,7 +41,6 @@ R = TypeVar("R")
 # failure for snapshot/lock/pin conflicts, deadlock for buffer-pin deadlocks, database dropped.
 # Serializable transactions cannot run on a standby, so on a replica these mean a conflict.
 RECOVERY_CONFLICT = frozenset({"40001", "40P01", "57P04"})
-_CLOSED = BreakerState.CLOSED
 _FAILED = object()
 # lowest_latency spreads reads over replicas whose latency is this close to the best one.
 _LATENCY_SLACK = 1.25
@@ -145,7 +143,7 @@ class Router:
             return self._failover(attempt, need, routable)
         # The common case, kept short: one pick, one try, no generator.
         node = self._pick(routable)
-        if node.breaker.state is not _CLOSED or (
+        if node.breaker.state is not CLOSED or (
             need and not node.health.caught_up(need, self._max_lsn_age)
         ):
             return self._failover(attempt, need, routable, first=node)
@@ -224,7 +222,7 @@ class Router:
         behind = False
         offered = failed is not None
         for node in order:
-            if node is failed or node.breaker.state is not _CLOSED:
+            if node is failed or node.breaker.state is not CLOSED:
                 continue
             if need and not node.health.caught_up(need, self._max_lsn_age):
                 behind = True
@@ -309,7 +307,7 @@ class Router:
 
 def _why_not(node: Node) -> str:
     health = node.health
-    if node.breaker.state is not _CLOSED:
+    if node.breaker.state is not CLOSED:
         return f"breaker {node.breaker.state}"
     if health.up is False:
         return f"probe failed: {health.error}"
