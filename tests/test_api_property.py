@@ -61,9 +61,9 @@ from hcrepo import (
     cached,
     query,
 )
-from hcrepo.embedded import PostgresServer, RedisServer
+from hcrepo.testing import PostgresServer, RedisServer
+from hcrepo.testing.plugin import WaitReplayed
 from tests.plugins.database import Database as ServerDatabase
-from tests.plugins.servers import WaitReplayed
 from tests.repos import Clinic, new_clinic
 
 NORMAL_EXAMPLES = 2000
