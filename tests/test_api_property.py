@@ -337,11 +337,17 @@ class UnitModel:
 
 @dataclass(frozen=True)
 class Binding:
-    """What a task runs as: the submitter's context, and the blocks its writes belong to."""
+    """What a task runs as: the submitter's context, the blocks its writes belong to, and
+    the unit of work open where it was bound (a plain write refuses to run beside it while
+    it is open, since a retry of the unit would submit it again)."""
 
     ctx: Ctx
     required: dict[int, int]
     frames: tuple[Frame, ...]
+    unit: UnitModel | None = None
+
+    def unit_open(self, model: Model) -> bool:
+        return self.unit is not None and self.unit is model.unit
 
 
 UNBOUND = Binding(NO_CONTEXT, {}, ())
@@ -408,7 +414,7 @@ class Model:
         return merged
 
     def binding(self) -> Binding:
-        return Binding(self.ctx, self.required(), tuple(self.frames))
+        return Binding(self.ctx, self.required(), tuple(self.frames), self.unit)
 
     def allocate(self) -> int:
         self.last_value += 1
@@ -885,7 +891,8 @@ class WriteTask(Task):
 
     def expect(self, model: Model, binding: Binding) -> Expect:
         return write_expect(model, binding.ctx, model.free_item(resolve(self.item, binding.ctx)),
-                            refusals(binding.ctx, write=True),
+                            refusals(binding.ctx, write=True,
+                                     unit_open=binding.unit_open(model)),
                             lambda values: model.commit(values, binding.frames))
 
     def perform(self, env: Env, args: dict[str, Any]) -> Any:
@@ -902,6 +909,8 @@ class BlockTask(Task):
     def expect(self, model: Model, binding: Binding) -> Expect:
         item = model.free_item(self.item)
         k, value = owner(item), model.allocate()
+        if binding.unit_open(model):  # its own block is still inside the unit's
+            return Expect(raises=(WriteOutsideUnitOfWork,), args={"item": item, "value": value})
 
         def check(got: tuple[str | None, int, ItemRow | None]) -> None:
             token, count, row = got
