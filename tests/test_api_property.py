@@ -64,7 +64,7 @@ from hcrepo import (
 from hcrepo.testing import PostgresServer, RedisServer
 from hcrepo.testing.plugin import WaitReplayed
 from tests.plugins.database import Database as ServerDatabase
-from tests.repos import Clinic, new_clinic
+from tests.support.repos import Clinic, new_clinic
 
 NORMAL_EXAMPLES = 2000
 SOAK_EXAMPLES = 20000  # HCREPO_SOAK=<n> runs n instead

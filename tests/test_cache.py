@@ -16,7 +16,8 @@ from redis.cluster import RedisCluster
 
 from hcrepo import ConfigError, Repository, Settings, query
 from hcrepo.cache.codec import CODEC_VERSION
-from tests.cache_support import (
+from tests.plugins.database import Database as ServerDatabase
+from tests.support.cache import (
     ENCRYPTION_KEY,
     FAKE_PHI,
     CachedDatabase,
@@ -32,10 +33,7 @@ from tests.cache_support import (
     keys_of,
     value_keys,
 )
-from tests.plugins.database import Database as ServerDatabase
-from tests.repos import Clinic, Clinical, MakeDatabase, new_clinic
-
-pytest_plugins = ["tests.cache_fixtures"]
+from tests.support.repos import Clinic, Clinical, MakeDatabase, new_clinic
 
 Client = redis.Redis | RedisCluster
 

@@ -13,9 +13,9 @@ from redis.crc import key_slot
 from hcrepo.cache.keys import KeyMaker
 from hcrepo.cache.store import CLUSTER_SCHEME
 from hcrepo.testing import RedisCluster as EmbeddedCluster
-from tests.cache_support import CachedDatabase, CacheRepo, keys_of
 from tests.plugins.database import Database as ServerDatabase
-from tests.repos import Clinic, new_clinic
+from tests.support.cache import CachedDatabase, CacheRepo, keys_of
+from tests.support.repos import Clinic, new_clinic
 from tests.test_cache import (  # noqa: F401  (the same tests and their fixtures)
     test_a_clinics_cached_value_is_never_served_to_another_clinic,
     test_a_committed_write_invalidates_inside_and_outside_a_unit_of_work,
@@ -36,7 +36,6 @@ from tests.test_cache_race import (  # noqa: F401
     test_fifty_threads_missing_at_once_cost_one_database_query,
 )
 
-pytest_plugins = ["tests.cache_fixtures"]
 pytestmark = pytest.mark.cluster
 
 

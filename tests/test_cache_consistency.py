@@ -16,12 +16,10 @@ import pytest
 from hcrepo import Database
 from hcrepo.repository import Runner
 from hcrepo.testing import PostgresServer
-from tests.cache_support import CachedDatabase, CacheRepo, CacheRepoUntagged, Counts, Gate, until
 from tests.plugins.database import Database as ServerDatabase
 from tests.plugins.servers import WaitReplayed
-from tests.repos import Clinic, Clinical, new_clinic
-
-pytest_plugins = ["tests.cache_fixtures", "tests.routing_fixtures"]
+from tests.support.cache import CachedDatabase, CacheRepo, CacheRepoUntagged, Counts, Gate, until
+from tests.support.repos import Clinic, Clinical, new_clinic
 
 R = TypeVar("R")
 

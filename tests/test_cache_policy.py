@@ -7,11 +7,9 @@ import uuid
 
 from hcrepo import Repository, cached, query
 from hcrepo.healthcare import PatientRepository
-from tests.cache_support import CachedDatabase, CacheRepo, Counts
 from tests.plugins.database import Database as ServerDatabase
-from tests.repos import new_clinic
-
-pytest_plugins = ["tests.cache_fixtures"]
+from tests.support.cache import CachedDatabase, CacheRepo, Counts
+from tests.support.repos import new_clinic
 
 
 class ActorSetting(Repository, sql="sql/cache.sql"):

@@ -27,7 +27,9 @@ from redis.cluster import RedisCluster
 from hcrepo import Database, Settings, bind_context
 from hcrepo.cache.codec import read_header, rewrite_soft_expiry
 from hcrepo.testing import PostgresServer, RedisServer
-from tests.cache_support import (
+from tests.plugins.database import Database as ServerDatabase
+from tests.plugins.servers import RedisFactory, WaitReplayed
+from tests.support.cache import (
     ENCRYPTION_KEY,
     CachedDatabase,
     CacheRepo,
@@ -38,11 +40,7 @@ from tests.cache_support import (
     until,
     value_keys,
 )
-from tests.plugins.database import Database as ServerDatabase
-from tests.plugins.servers import RedisFactory, WaitReplayed
-from tests.repos import Clinic, new_clinic
-
-pytest_plugins = ["tests.cache_fixtures"]
+from tests.support.repos import Clinic, new_clinic
 
 Client = redis.Redis | RedisCluster
 

@@ -17,12 +17,10 @@ import hcrepo.cache.invalidation
 from hcrepo.ops import metrics
 from hcrepo.ops.breaker import BreakerState, CircuitBreaker
 from hcrepo.testing import RedisServer
-from tests.cache_support import CachedDatabase, CacheRepo, Counts, metric, until, value_keys
 from tests.plugins.database import Database as ServerDatabase
 from tests.plugins.servers import RedisFactory
-from tests.repos import Clinic, new_clinic
-
-pytest_plugins = ["tests.cache_fixtures"]
+from tests.support.cache import CachedDatabase, CacheRepo, Counts, metric, until, value_keys
+from tests.support.repos import Clinic, new_clinic
 
 FAST_FAILING = {"cache_socket_timeout": 0.1, "breaker_failures": 2, "breaker_reset": 0.2}
 

@@ -22,11 +22,18 @@ from hcrepo import (
 )
 from tests.plugins.database import Database as ServerDatabase
 from tests.plugins.database import Seed
-from tests.repos import Clinic, Clinical, MakeDatabase, PatientRow, Probe, Session, new_clinic
+from tests.support.repos import (
+    Clinic,
+    Clinical,
+    MakeDatabase,
+    PatientRow,
+    Probe,
+    Session,
+    new_clinic,
+)
 
 WAIT = 10.0
 
-pytest_plugins = ["tests.repo_fixtures"]
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,7 @@ from __future__ import annotations
 import psycopg
 
 from tests.plugins.database import Database as ServerDatabase
-from tests.repos import Clinic, Clinical, MakeDatabase, Session
-
-pytest_plugins = ["tests.repo_fixtures"]
+from tests.support.repos import Clinic, Clinical, MakeDatabase, Session
 
 
 def test_a_query_timeout_applies_to_its_statement_only_in_and_out_of_units_of_work(

@@ -12,9 +12,7 @@ import pytest
 
 from hcrepo.ops.breaker import BreakerState
 from hcrepo.testing import free_port
-from tests.routing_support import DBNAME, Cluster, LogSink, Routing, ports, until
-
-pytest_plugins = ["tests.routing_fixtures"]
+from tests.support.routing import DBNAME, Cluster, LogSink, Routing, ports, until
 
 THREADS = 8
 

@@ -8,9 +8,7 @@ import pytest
 from loguru import logger
 
 from hcrepo import UniqueViolation
-from tests.repos import Clinic, Clinical, MakeDatabase
-
-pytest_plugins = ["tests.repo_fixtures"]
+from tests.support.repos import Clinic, Clinical, MakeDatabase
 
 FAKE_PHONE = "+1 555 0199 PHI-MARKER"
 

@@ -16,7 +16,7 @@ from hcrepo import Database, Settings
 from hcrepo.testing import PgBouncer, PostgresServer
 from tests.plugins.database import APP_PASSWORD
 from tests.plugins.database import Database as ServerDatabase
-from tests.repos import Clinic, Clinical, new_clinic
+from tests.support.repos import Clinic, Clinical, new_clinic
 
 ROUNDS = 25
 WAIT = 20.0

@@ -24,9 +24,7 @@ from hcrepo import (
     query,
 )
 from hcrepo.pipeline import Statement
-from tests.repos import Clinic, MakeDatabase
-
-pytest_plugins = ["tests.repo_fixtures"]
+from tests.support.repos import Clinic, MakeDatabase
 
 
 class Strict(BaseModel):

@@ -13,9 +13,7 @@ from typing import Any
 import pytest
 
 from hcrepo import PoolTimeout
-from tests.routing_support import Cluster, LogSink, Routing, ports, until
-
-pytest_plugins = ["tests.routing_fixtures"]
+from tests.support.routing import Cluster, LogSink, Routing, ports, until
 
 
 def _backend_pid(node: Any) -> int:

@@ -8,9 +8,7 @@ import pytest
 
 from hcrepo import ActorRequired, InvalidContext
 from tests.plugins.database import Database as ServerDatabase
-from tests.repos import Clinic, Clinical, MakeDatabase, new_clinic
-
-pytest_plugins = ["tests.repo_fixtures"]
+from tests.support.repos import Clinic, Clinical, MakeDatabase, new_clinic
 
 
 @pytest.fixture

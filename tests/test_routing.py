@@ -16,7 +16,7 @@ from prometheus_client import generate_latest
 from hcrepo import ConfigError, Database, InvalidToken, Settings
 from hcrepo.ops import metrics
 from hcrepo.routing.consistency import format_lsn, parse_lsn
-from tests.routing_support import (
+from tests.support.routing import (
     Cluster,
     Found,
     LogSink,
@@ -26,11 +26,7 @@ from tests.routing_support import (
     ports,
     until,
 )
-from tests.wire import Relay
-
-pytest_plugins = ["tests.routing_fixtures"]
-
-
+from tests.support.wire import Relay
 
 
 def writer(db: Database) -> Any:

@@ -28,9 +28,7 @@ from hcrepo import (
     query,
 )
 from tests.plugins.database import Database as ServerDatabase
-from tests.repos import Clinic, Clinical, MakeDatabase, PatientRow, new_clinic
-
-pytest_plugins = ["tests.repo_fixtures"]
+from tests.support.repos import Clinic, Clinical, MakeDatabase, PatientRow, new_clinic
 
 WAIT = 10.0
 

@@ -13,9 +13,7 @@ import pytest
 from pydantic import BaseModel
 
 from hcrepo import Repository, bind_context, query
-from tests.routing_support import DBNAME, Cluster
-
-pytest_plugins = ["tests.routing_fixtures"]
+from tests.support.routing import DBNAME, Cluster
 
 WAIT = 10.0
 

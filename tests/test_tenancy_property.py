@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from hcrepo import Database, RowSecurityViolation, Settings, UnitOfWork
 from tests.plugins.database import Database as ServerDatabase
-from tests.repos import Clinic, Clinical, new_clinic
+from tests.support.repos import Clinic, Clinical, new_clinic
 
 ACTIONS = ("read_all", "read_one", "stream", "write", "insert_elsewhere", "begin", "commit",
            "rollback")

@@ -34,7 +34,7 @@ from hcrepo import (
 )
 from hcrepo.healthcare import AppointmentRepository
 from tests.plugins.database import Database as ServerDatabase
-from tests.repos import Clinic, Clinical, MakeDatabase, Session, new_clinic
+from tests.support.repos import Clinic, Clinical, MakeDatabase, Session, new_clinic
 
 T = TypeVar("T")
 WAIT = 10.0  # seconds any barrier or poll may take before the test fails
@@ -59,7 +59,6 @@ GRANT SELECT, INSERT ON hcrepo_test_marks TO hcrepo_app;
 GRANT USAGE ON SEQUENCE hcrepo_test_marks_id_seq TO hcrepo_app;
 """
 
-pytest_plugins = ["tests.repo_fixtures"]
 
 
 @pytest.fixture(scope="module")

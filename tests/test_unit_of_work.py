@@ -20,10 +20,8 @@ from hcrepo import (
     UniqueViolation,
 )
 from tests.plugins.database import Database as ServerDatabase
-from tests.repos import Clinic, Clinical, MakeDatabase, Session, new_clinic
-from tests.wire import Relay, relay
-
-pytest_plugins = ["tests.repo_fixtures"]
+from tests.support.repos import Clinic, Clinical, MakeDatabase, Session, new_clinic
+from tests.support.wire import Relay, relay
 
 
 def phone_of(server: ServerDatabase, patient_id: Any) -> str | None:

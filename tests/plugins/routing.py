@@ -1,4 +1,4 @@
-"""Fixtures for the routing, failover and pool tests (loaded with `pytest_plugins`)."""
+"""Fixtures for the routing, failover and pool tests."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from hcrepo.testing import PostgresServer
 from tests.plugins.servers import WaitReplayed
-from tests.routing_support import DBNAME, TABLE, Cluster, LogSink
+from tests.support.routing import DBNAME, TABLE, Cluster, LogSink
 
 
 @pytest.fixture(scope="session")

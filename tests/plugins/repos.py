@@ -1,5 +1,5 @@
-"""Fixtures for the unit-of-work, transaction and context tests (loaded with
-`pytest_plugins`): hcrepo Databases on migrated_db as hcrepo_app, and a clinic per test."""
+"""Fixtures for the unit-of-work, transaction and context tests: hcrepo Databases on
+migrated_db as hcrepo_app, and a clinic per test."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from hcrepo import Database, Settings
 from tests.plugins.database import Database as ServerDatabase
-from tests.repos import Clinic, MakeDatabase, new_clinic
+from tests.support.repos import Clinic, MakeDatabase, new_clinic
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from hcrepo import Database, Repository, Settings, query, tenancy
 from hcrepo.routing.node import Node
 from hcrepo.testing import PostgresServer
 from tests.plugins.servers import WaitReplayed
-from tests.wire import Relay
+from tests.support.wire import Relay
 
 DBNAME = "hcrepo_routing"
 TABLE = "CREATE TABLE IF NOT EXISTS routing_items (id bigserial PRIMARY KEY, note text NOT NULL)"
@@ -36,7 +36,7 @@ class Found(BaseModel):
     note: str | None
 
 
-class Routing(Repository, sql="sql/routing.sql", tenant=False):
+class Routing(Repository, sql="../sql/routing.sql", tenant=False):
     @query("where_am_i")
     def where_am_i(self) -> int: ...
 

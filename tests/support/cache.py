@@ -33,7 +33,7 @@ class CachedPatient(BaseModel):
     phone: str | None
 
 
-class CacheRepo(Repository, sql="sql/cache.sql"):
+class CacheRepo(Repository, sql="../sql/cache.sql"):
     @query("cache_patient", phi=True)
     @cached(ttl="patient", tags=["patient:{id}"])
     def patient(self, *, id: UUID) -> CachedPatient | None: ...
@@ -64,14 +64,14 @@ class CacheRepo(Repository, sql="sql/cache.sql"):
 CachedDatabase = Callable[..., Database]
 
 
-class PlainCount(Repository, sql="sql/cache.sql"):
+class PlainCount(Repository, sql="../sql/cache.sql"):
     """The same count without @cached: what the database says, bypassing every cache."""
 
     @query("cache_patient_count")
     def count(self) -> int: ...
 
 
-class CacheRepoV2(Repository, sql="sql/cache.sql"):
+class CacheRepoV2(Repository, sql="../sql/cache.sql"):
     """cache_patient with other SQL text (v2) and, separately, with another model."""
 
     @query("cache_patient_v2", phi=True)
@@ -79,7 +79,7 @@ class CacheRepoV2(Repository, sql="sql/cache.sql"):
     def patient(self, *, id: UUID) -> CachedPatient | None: ...
 
 
-class CacheRepoNotPhi(Repository, sql="sql/cache.sql"):
+class CacheRepoNotPhi(Repository, sql="../sql/cache.sql"):
     """cache_patient without phi=True: stored in plain text, so under other keys."""
 
     @query("cache_patient")
@@ -87,7 +87,7 @@ class CacheRepoNotPhi(Repository, sql="sql/cache.sql"):
     def patient(self, *, id: UUID) -> CachedPatient | None: ...
 
 
-class CacheRepoUntagged(Repository, sql="sql/cache.sql"):
+class CacheRepoUntagged(Repository, sql="../sql/cache.sql"):
     """cache_patient_count with no tags and no PHI (nothing but its key protects it), kept
     for CACHE_TTL."""
 
@@ -105,7 +105,7 @@ class SlimPatient(BaseModel):
     nickname: str | None = None
 
 
-class CacheRepoOtherModel(Repository, sql="sql/cache.sql"):
+class CacheRepoOtherModel(Repository, sql="../sql/cache.sql"):
     @query("cache_patient", phi=True)
     @cached(ttl="patient", tags=["patient:{id}"])
     def patient(self, *, id: UUID) -> SlimPatient | None: ...

@@ -39,7 +39,7 @@ class Probe(BaseModel):
     pid: int
 
 
-class Clinical(Repository, sql="sql/clinical.sql"):
+class Clinical(Repository, sql="../sql/clinical.sql"):
     @query("count_bookings")
     def count_bookings(self, *, provider_id: UUID, starts_at: datetime) -> int: ...
 
@@ -71,7 +71,7 @@ class Clinical(Repository, sql="sql/clinical.sql"):
     def count_mrn(self, *, mrn: str) -> int: ...
 
 
-class Session(Repository, sql="sql/session.sql", tenant=False):
+class Session(Repository, sql="../sql/session.sql", tenant=False):
     @query("probe")
     def probe(self) -> Probe: ...
 

@@ -1,4 +1,4 @@
-"""Fixtures of the cache tests (`pytest_plugins = ["tests.cache_fixtures"]`): databases
+"""Fixtures of the cache tests: databases
 wired to a Redis (standalone here; test_cache_cluster overrides `cache_redis_url`), a raw
 client to look inside, statement counts and the advisory-lock gate."""
 
@@ -14,17 +14,15 @@ from redis.cluster import RedisCluster
 
 from hcrepo import Database
 from hcrepo.testing import RedisServer
-from tests.cache_support import (
+from tests.plugins.database import Database as ServerDatabase
+from tests.support.cache import (
     ENCRYPTION_KEY,
     CachedDatabase,
     Gate,
     StatementCalls,
     redis_client,
 )
-from tests.plugins.database import Database as ServerDatabase
-from tests.repos import MakeDatabase
-
-pytest_plugins = ["tests.repo_fixtures"]
+from tests.support.repos import MakeDatabase
 
 
 @pytest.fixture
