@@ -410,7 +410,7 @@ class Database:
 
 
 def _is_retryable(exc: BaseException) -> bool:
-    """Only errors that guarantee nothing was committed (invariant 4)."""
+    """Only errors that guarantee nothing was committed (docs/architecture.md, invariant 5)."""
     if isinstance(exc, ConnectionLost):
         return True
     return isinstance(exc, DatabaseError) and exc.sqlstate in RETRYABLE_SQLSTATES

@@ -1,7 +1,7 @@
 """One error hierarchy for everything hcrepo raises.
 
 Messages name queries, settings, files and nodes; they never carry parameter values,
-because those may be PHI (invariant 7).
+because those may be PHI (docs/architecture.md, invariant 7).
 """
 
 from __future__ import annotations

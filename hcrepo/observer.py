@@ -2,7 +2,7 @@
 slow-query log.
 
 Only the query's name, its `file:line` and the error's class are recorded: never arguments,
-rows or driver messages, which may hold PHI (invariant 7).
+rows or driver messages, which may hold PHI (docs/architecture.md, invariant 7).
 """
 
 from __future__ import annotations

@@ -731,8 +731,16 @@ class ForEachClinic(Step):
             if len(seen) == CLINICS:
                 raise _Enough
 
-        with contextlib.suppress(_Enough):
-            env.db.for_each_clinic(visit)
+        try:
+            with contextlib.suppress(_Enough):
+                env.db.for_each_clinic(visit)
+        except InvalidContext:
+            # Inside a unit the first clinic visited may be the unit's own, whose transaction
+            # joins (and so runs a statement in the unit) before the next one is refused;
+            # which clinic comes first depends on the whole directory, so it is read here.
+            if seen and env.model.unit is not None:
+                env.model.unit.begin()
+            raise
         return seen
 
 

@@ -1,7 +1,7 @@
 """Prometheus metrics of hcrepo, in one registry of its own (`REGISTRY`).
 
 Labels are query names and fixed words chosen by hcrepo, never argument or row values:
-nothing a caller passes can reach a label (invariant 7). Expose with
+nothing a caller passes can reach a label (docs/architecture.md, invariant 7). Expose with
 `prometheus_client.generate_latest(hcrepo.ops.metrics.REGISTRY)`.
 """
 
