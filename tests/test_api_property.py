@@ -64,6 +64,7 @@ from hcrepo import (
 from hcrepo.testing import PostgresServer, RedisServer
 from hcrepo.testing.plugin import WaitReplayed
 from tests.plugins.database import Database as ServerDatabase
+from tests.support.errors import exception_chain
 from tests.support.repos import Clinic, new_clinic
 
 NORMAL_EXAMPLES = 2000
@@ -1233,18 +1234,6 @@ class ReadAfter(Step):
 
 
 # --- the interpreter ------------------------------------------------------------------------
-
-
-def exception_chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    todo = [exc]
-    while todo:
-        link = todo.pop()
-        if id(link) in seen:
-            continue
-        seen.add(id(link))
-        yield link
-        todo.extend(e for e in (link.__cause__, link.__context__) if e is not None)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from hcrepo import (
     query,
 )
 from hcrepo.pipeline import Statement
+from tests.support.errors import exception_chain
 from tests.support.repos import Clinic, MakeDatabase
 
 
@@ -58,21 +59,8 @@ def secret() -> str:
     return f"PHI-{uuid.uuid4().hex}"
 
 
-def chain(error: BaseException) -> Iterator[BaseException]:
-    """Every exception reachable from `error` through __cause__ and __context__."""
-    seen: set[int] = set()
-    pending = [error]
-    while pending:
-        current = pending.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        pending += [e for e in (current.__cause__, current.__context__) if e is not None]
-
-
 def assert_nothing_carries(error: BaseException, value: str) -> None:
-    for reached in chain(error):
+    for reached in exception_chain(error):
         assert value not in str(reached), type(reached)
         assert value not in repr(reached), type(reached)
         assert all(value not in repr(arg) for arg in reached.args), type(reached)
