@@ -1,4 +1,4 @@
-"""The Redis cache, single thread, medians of interleaved short slices (issue 6).
+"""The Redis cache, single thread, medians of interleaved short slices.
 
 - cache hit through hcrepo vs a raw redis-py GET + pydantic decode of the same patient
   (target: at most 1.3x), plain and AES-GCM-encrypted (PHI);

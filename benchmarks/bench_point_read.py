@@ -1,4 +1,4 @@
-"""Point read by primary key, single thread (issues 3 and 4).
+"""Point read by primary key, single thread.
 
 All variants read the same rows from one server, each over its own pool, interleaved:
 - raw psycopg: pool checkout in autocommit, same SQL, tuple row, superuser (no RLS);
@@ -138,11 +138,11 @@ def main() -> str:
         engine.dispose()
     out = table(medians, RAW, "Point read by primary key (single thread)")
     ratios = [
-        ("hcrepo / raw psycopg (issue 3: <= 1.15; issue 4, raw without RLS: <= 1.25)",
+        ("hcrepo / raw psycopg without RLS (target <= 1.25)",
          HCREPO, RAW),
-        ("hcrepo / aiosql (issue 3: <= 1.15)", HCREPO, AIOSQL),
-        ("hcrepo / SQLAlchemy Core (issue 3: < 1)", HCREPO, ALCHEMY),
-        ("hcrepo with clinic context / the same read with no context (issue 4: <= 1.10)",
+        ("hcrepo / aiosql (target <= 1.15)", HCREPO, AIOSQL),
+        ("hcrepo / SQLAlchemy Core (target < 1)", HCREPO, ALCHEMY),
+        ("hcrepo with clinic context / the same read with no context (target <= 1.10)",
          HCREPO, NO_CONTEXT),
         ("hcrepo with clinic context, RLS bypassed / no context (the context's client cost)",
          BYPASSED, NO_CONTEXT),

@@ -1,4 +1,4 @@
-"""Reads through the router: 8 threads, a primary and 2 streaming replicas (issue 5).
+"""Reads through the router: 8 threads, a primary and 2 streaming replicas .
 
 Throughput of point reads by primary key, measured in interleaved short slices (in the
 harness's balanced orders, median of the slices), all in one process against the same two
@@ -8,7 +8,7 @@ replicas; the raw variants keep one psycopg_pool per replica and alternate betwe
   no RLS: less server work than any hcrepo read, shown for scale;
 - raw psycopg_pool, same work: as hcrepo_app under RLS, the transaction-local clinic context
   and the query in one psycopg pipeline (one round trip): the hand-written equivalent, and
-  the baseline of the issue's target;
+  the baseline of the target;
 - hcrepo's statements on raw pools: the exact statements hcrepo sends, through
   hcrepo.pipeline, without the router: the router's own cost is the gap to the next line;
 - hcrepo Database: a repository method through the router (health monitor running,

@@ -1,4 +1,4 @@
-"""Explicit clinic and actor on a repository override the ambient context (issue 4)."""
+"""Explicit clinic and actor on a repository override the ambient context."""
 
 from __future__ import annotations
 
