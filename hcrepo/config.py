@@ -15,6 +15,7 @@ from typing import Annotated, Any, Self
 from psycopg.conninfo import conninfo_to_dict
 from pydantic import (
     AliasChoices,
+    BeforeValidator,
     Field,
     SecretStr,
     ValidationError,
@@ -23,7 +24,13 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from hcrepo import durations
 from hcrepo.errors import ConfigError
+
+# Durations accept units (`500ms`, `2s`, `1.5min`); a bare number is in the field's unit.
+Seconds = Annotated[float, BeforeValidator(durations.setting)]
+WholeSeconds = Annotated[int, BeforeValidator(durations.setting)]
+Milliseconds = Annotated[float, BeforeValidator(lambda value: durations.setting(value, 0.001))]
 
 
 class RoutingPolicy(StrEnum):
@@ -80,26 +87,26 @@ class Settings(BaseSettings):
 
     pool_min: int = _setting("DB_POOL_MIN", 2, ge=0)
     pool_max: int = _setting("DB_POOL_MAX", 10, ge=1)
-    pool_acquire_timeout: float = _setting("DB_POOL_ACQUIRE_TIMEOUT", 5.0, gt=0)
-    pool_idle_timeout: float = _setting("DB_POOL_IDLE_TIMEOUT", 600.0, gt=0)
-    pool_max_lifetime: float = _setting("HCREPO_POOL_MAX_LIFETIME", 3600.0, gt=0)
+    pool_acquire_timeout: Seconds = _setting("DB_POOL_ACQUIRE_TIMEOUT", 5.0, gt=0)
+    pool_idle_timeout: Seconds = _setting("DB_POOL_IDLE_TIMEOUT", 600.0, gt=0)
+    pool_max_lifetime: Seconds = _setting("HCREPO_POOL_MAX_LIFETIME", 3600.0, gt=0)
     pool_max_waiting: int = _setting("HCREPO_POOL_MAX_WAITING", 0, ge=0)
-    pool_leak_threshold: float = _setting("HCREPO_POOL_LEAK_THRESHOLD", 30.0, gt=0)
+    pool_leak_threshold: Seconds = _setting("HCREPO_POOL_LEAK_THRESHOLD", 30.0, gt=0)
 
-    health_interval: float = _setting("HCREPO_HEALTH_INTERVAL", 1.0, gt=0)
-    max_lag_seconds: float = _setting("HCREPO_MAX_LAG_SECONDS", 5.0, gt=0)
+    health_interval: Seconds = _setting("HCREPO_HEALTH_INTERVAL", 1.0, gt=0)
+    max_lag_seconds: Seconds = _setting("HCREPO_MAX_LAG_SECONDS", 5.0, gt=0)
     max_lag_bytes: int = _setting("HCREPO_MAX_LAG_BYTES", 16 * 1024 * 1024, gt=0)
     routing_policy: RoutingPolicy = _setting("HCREPO_ROUTING_POLICY", RoutingPolicy.ROUND_ROBIN)
     breaker_failures: int = _setting("HCREPO_BREAKER_FAILURES", 3, ge=1)
-    breaker_reset: float = _setting("HCREPO_BREAKER_RESET", 2.0, gt=0)
+    breaker_reset: Seconds = _setting("HCREPO_BREAKER_RESET", 2.0, gt=0)
     # statement_timeout and connect timeout of health probes, and of a breaker's trial.
-    health_timeout: float = _setting("HCREPO_HEALTH_TIMEOUT", 1.0, gt=0)
+    health_timeout: Seconds = _setting("HCREPO_HEALTH_TIMEOUT", 1.0, gt=0)
     # A cached replica replay position older than this is re-read when a read-your-writes
     # check needs a newer one (0: whenever it falls short).
-    replay_cache_max_age: float = _setting("HCREPO_REPLAY_CACHE_MAX_AGE", 0.02, ge=0)
+    replay_cache_max_age: Seconds = _setting("HCREPO_REPLAY_CACHE_MAX_AGE", 0.02, ge=0)
 
     cache_enabled: bool = _setting("CACHE_ENABLED", True)
-    cache_ttl: int = _setting("CACHE_TTL", 300, gt=0)
+    cache_ttl: WholeSeconds = _setting("CACHE_TTL", 300, gt=0)
     cache_ttl_presets: dict[str, int] = _setting(
         "HCREPO_CACHE_TTL_PRESETS",
         default_factory=lambda: {"clinic": 3600, "patient": 1800, "appointment": 300,
@@ -107,11 +114,11 @@ class Settings(BaseSettings):
     )
     cache_key_prefix: str = _setting("HCREPO_CACHE_PREFIX", "hc", min_length=1)
     cache_encryption_key: SecretStr | None = _setting("HCREPO_CACHE_ENCRYPTION_KEY", None)
-    cache_socket_timeout: float = _setting("HCREPO_CACHE_SOCKET_TIMEOUT", 0.25, gt=0)
+    cache_socket_timeout: Seconds = _setting("HCREPO_CACHE_SOCKET_TIMEOUT", 0.25, gt=0)
     # Past ratio x TTL a value is stale: served while one caller refreshes it in the background.
     cache_soft_ttl_ratio: float = _setting("HCREPO_CACHE_SOFT_TTL_RATIO", 0.8, gt=0, le=1)
     # How long one caller may hold a key's fill lock, and how long others wait for it.
-    cache_lock_timeout: float = _setting("HCREPO_CACHE_LOCK_TIMEOUT", 2.0, gt=0)
+    cache_lock_timeout: Seconds = _setting("HCREPO_CACHE_LOCK_TIMEOUT", 2.0, gt=0)
     # Probabilistic early refresh (XFetch); 0 turns it off.
     cache_xfetch_beta: float = _setting("HCREPO_CACHE_XFETCH_BETA", 1.0, ge=0)
 
@@ -119,7 +126,7 @@ class Settings(BaseSettings):
     # before 1.21 in transaction mode): every statement is then parsed unnamed, in its batch.
     prepared_statements: bool = _setting("HCREPO_PREPARED_STATEMENTS", True)
 
-    slow_query_threshold_ms: float = _setting("SLOW_QUERY_THRESHOLD", 500.0, ge=0)
+    slow_query_threshold_ms: Milliseconds = _setting("SLOW_QUERY_THRESHOLD", 500.0, ge=0)
 
     @field_validator("database_url")
     @classmethod

@@ -25,14 +25,13 @@ from typing import Any, NamedTuple
 
 from pglast import ast, enums, parser, visitors
 
+from hcrepo import durations
 from hcrepo.errors import SqlFileError
 
 _NAME_LINE = re.compile(r"^\s*--\s*name\s*:\s*(?P<name>\S*)\s*$")
 _DIRECTIVE_LINE = re.compile(r"^\s*--\s*(?P<key>[a-z_]+)\s*:\s*(?P<value>.*?)\s*$")
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
-_DURATION = re.compile(r"^(?P<amount>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|min)$")
 _DIRECTIVES = frozenset({"timeout", "order_by", "max_page", "kind"})
-_UNIT_MS = {"ms": 1.0, "s": 1000.0, "min": 60000.0}
 
 # What a block may hold: a statement whose effects end with its transaction.
 _QUERIES = (ast.SelectStmt, ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
@@ -304,10 +303,10 @@ def _timeout_directive(block: _Block, fail: Any) -> int | None:
     if "timeout" not in block.directives:
         return None
     value, line = block.directives["timeout"]
-    match = _DURATION.match(value)
-    if not match:
-        raise fail("timeout must look like 500ms, 2s or 1min", line, 1)
-    milliseconds = int(float(match["amount"]) * _UNIT_MS[match["unit"]])
+    try:
+        milliseconds = int(durations.parse(value) * 1000)
+    except ValueError:
+        raise fail(f"timeout must look like {durations.EXAMPLES}", line, 1) from None
     if milliseconds <= 0:
         raise fail("timeout must be positive", line, 1)
     return milliseconds

@@ -210,7 +210,7 @@ def test_unterminated_string_is_a_tokenizer_error() -> None:
         ("-- name: a\n-- order_by: sort = a\nSELECT 1 ORDER BY id", 2,
          "order_by parameter :sort does not appear in the SQL"),
         ("-- name: a\n-- timeout: 2 hours\nSELECT 1", 2,
-         "timeout must look like 500ms, 2s or 1min"),
+         "timeout must look like 500ms, 2s, 1.5min or 1h"),
         ("-- name: a\n-- timeout: 0ms\nSELECT 1", 2, "timeout must be positive"),
         ("-- name: a\n-- max_page: lots\nSELECT 1", 2, "max_page must be a positive integer"),
         ("-- name: a\n-- kind: maybe\nSELECT 1", 2, "kind must be 'read' or 'write'"),
