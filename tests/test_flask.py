@@ -12,6 +12,8 @@ import http.client
 import json
 import os
 import select
+import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -41,7 +43,7 @@ from hcrepo.testing import PostgresServer, RedisServer
 from tests.plugins.database import Database as ServerDatabase
 from tests.plugins.servers import WaitReplayed
 from tests.support.repos import Clinic, Session, new_clinic
-from tests.support.routing import Cluster
+from tests.support.routing import Cluster, until
 
 WAIT = 10.0
 SECRET = "test-secret-for-hs256-signing-only-32b"
@@ -483,3 +485,29 @@ def test_a_forked_worker_opens_a_database_of_its_own(
     assert child is not None and child["count"] == parent["count"] == len(a.patient_ids)
     assert child["db"] != parent["db"] and child["pid"] != parent["pid"]
     assert client.get("/backend", headers=who(a)).get_json() == parent
+
+
+def test_the_example_serves_from_the_environment_and_exits_cleanly(
+    migrated_db: ServerDatabase, three: list[Clinic]
+) -> None:
+    with socket_closed_port() as port:
+        pass  # free again: the example binds it
+    env = {**os.environ, "DATABASE_URL": migrated_db.app_url, "REDIS_URL": "",
+           "PORT": str(port), "PYTHONPATH": os.pathsep.join(sys.path)}
+    example = subprocess.Popen([sys.executable, "examples/flask_app.py"], env=env,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        until(lambda: _answers(port), "the example to listen", timeout=WAIT * 2)
+        reply = call(port, "GET", "/patients", headers=who(three[0]))
+        assert reply.status == 200 and len(reply.body) == len(three[0].patient_ids)
+    finally:
+        example.send_signal(signal.SIGINT)  # waitress stops; atexit closes the Database
+        _, stderr = example.communicate(timeout=WAIT * 2)
+    assert example.returncode == 0 and "Traceback" not in stderr
+
+
+def _answers(port: int) -> bool:
+    try:
+        return call(port, "GET", "/healthz").status == 200
+    except OSError:
+        return False
