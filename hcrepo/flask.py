@@ -206,6 +206,8 @@ _STATUS: dict[type[BaseException], int] = {
     InvalidContext: 400,
     InvalidOrderBy: 400,
     PageSizeExceeded: 400,
+    # Overload (the pool, or HCREPO_POOL_MAX_WAITING callers already waiting) and an
+    # unreachable primary are passing: 503 with Retry-After. No 429: hcrepo has no rate limit.
     PoolTimeout: 503,
     ConnectionLost: 503,
     SerializationFailure: 503,
@@ -418,6 +420,7 @@ class HcRepo:
         return response
 
     def _retry_after(self) -> int:
+        # A breaker's reset: when its trial may next let calls through to the server.
         state = self._state
         reset = state.db.settings.breaker_reset if state is not None else 1.0
         return max(1, math.ceil(reset))

@@ -274,6 +274,32 @@ def _count_or_refused(db: Database) -> int | str:
         return "refused"
 
 
+def test_the_example_books_reschedules_and_cancels(
+    example: Callable[..., Flask], three: list[Clinic]
+) -> None:
+    a = three[0]
+    client = example().test_client()
+    first = client.post("/appointments", json=booking(a, slot=0), headers=who(a)).get_json()
+    second = client.post("/appointments", json=booking(a, slot=1, patient=1),
+                         headers=who(a)).get_json()
+    later = booking(a, slot=4)
+    slot = {"starts_at": later["starts_at"], "ends_at": later["ends_at"]}
+    moved = client.post(f"/appointments/{first['id']}/reschedule", json=slot, headers=who(a))
+    assert moved.status_code == 200
+    assert datetime.fromisoformat(moved.get_json()["starts_at"]) == MONDAY + timedelta(hours=2)
+    taken = client.post(f"/appointments/{second['id']}/reschedule", json=slot, headers=who(a))
+    assert (taken.status_code, taken.get_json()["error"]) == (409, "ExclusionViolation")
+    assert client.post(f"/appointments/{first['id']}/cancel", headers=who(a)).status_code == 200
+    assert client.get(f"/appointments/{first['id']}",
+                      headers=who(a)).get_json()["status"] == "cancelled"
+    again = client.post(f"/appointments/{first['id']}/cancel", headers=who(a))
+    gone = client.post(f"/appointments/{first['id']}/reschedule", json=slot, headers=who(a))
+    bad = client.post(f"/appointments/{second['id']}/reschedule", json={"starts_at": "soon"},
+                      headers=who(a))
+    assert (again.status_code, gone.status_code, bad.status_code) == (404, 404, 400)
+    assert "soon" not in bad.get_data(as_text=True)
+
+
 # --- errors as HTTP -------------------------------------------------------------------------
 
 
