@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from enum import StrEnum
 from typing import Annotated, Any, Self
 
+import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from pydantic import (
     AliasChoices,
@@ -63,6 +65,17 @@ def server_options(url: str, **settings: object) -> str:
     return f"{given} {extra}".strip()
 
 
+def connect_failure(exc: psycopg.Error, url: str) -> str:
+    """libpq's multi-line message of a failed connection as one line, without the URL's
+    password. It holds what libpq and the server say about reaching and logging in (host,
+    port, user, database), never a value: no statement ran."""
+    text = re.sub(r"\s+", " ", str(exc)).strip()
+    password = conninfo_to_dict(url).get("password")
+    if password:
+        text = text.replace(str(password), "***")
+    return text or type(exc).__name__
+
+
 def _check_url(value: str) -> str:
     try:
         conninfo_to_dict(value)
@@ -92,6 +105,13 @@ class Settings(BaseSettings):
     pool_max_lifetime: Seconds = _setting("HCREPO_POOL_MAX_LIFETIME", 3600.0, gt=0)
     pool_max_waiting: int = _setting("HCREPO_POOL_MAX_WAITING", 0, ge=0)
     pool_leak_threshold: Seconds = _setting("HCREPO_POOL_LEAK_THRESHOLD", 30.0, gt=0)
+    # libpq's connect_timeout of pool connections (whole seconds, at least 1) and how long
+    # Database.open() waits for the primary: a wrong URL fails within it, not the pool timeout.
+    db_connect_timeout: Seconds = _setting("DB_CONNECT_TIMEOUT", 30.0, gt=0)
+    # Lets DATABASE_URL and READ_REPLICA_URLS log in as a superuser or a BYPASSRLS role, which
+    # Database.open() otherwise refuses: row-level security would not apply to it. For test
+    # rigs without an application role only.
+    allow_privileged_role: bool = _setting("HCREPO_ALLOW_PRIVILEGED_ROLE", False)
 
     health_interval: Seconds = _setting("HCREPO_HEALTH_INTERVAL", 1.0, gt=0)
     max_lag_seconds: Seconds = _setting("HCREPO_MAX_LAG_SECONDS", 5.0, gt=0)

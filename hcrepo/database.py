@@ -21,7 +21,13 @@ from hcrepo import tenancy
 from hcrepo.cache import Cache
 from hcrepo.config import Settings
 from hcrepo.driver_errors import RETRYABLE_SQLSTATES
-from hcrepo.errors import ConnectionLost, DatabaseError, WriteOutsideUnitOfWork, detached
+from hcrepo.errors import (
+    ConnectionLost,
+    DatabaseError,
+    HcrepoError,
+    WriteOutsideUnitOfWork,
+    detached,
+)
 from hcrepo.execution import (
     commit_outcome_unknown,
     context_statement,
@@ -82,8 +88,17 @@ class Database:
         self.close()
 
     def open(self) -> None:
-        """Fill the primary's pool, verify every node's role, start the health monitor."""
-        self._router.open()
+        """Log in to every node, fill the primary's pool, verify every node's role, start
+        the health monitor (`Router.open`): a wrong DATABASE_URL, or a role that would
+        bypass row-level security, raises `ConfigError` naming the setting within
+        DB_CONNECT_TIMEOUT."""
+        try:
+            self._router.open()
+        except HcrepoError as error:
+            failure = error
+        else:
+            return
+        raise detached(failure)  # a public boundary: hcrepo's frames hold the URLs
 
     def close(self) -> None:
         self._router.close()

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import quote, urlencode
@@ -11,6 +10,7 @@ from urllib.parse import quote, urlencode
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from hcrepo.config import connect_failure
 from hcrepo.errors import ConfigError
 
 # A refused or silent host must not hang a command; an explicit value in the URL wins.
@@ -54,15 +54,7 @@ def connect(url: str, setting: str, *, autocommit: bool = False) -> Iterator[psy
     try:
         conn = psycopg.connect(make_conninfo(**params(url, setting)), autocommit=autocommit)
     except psycopg.OperationalError as exc:
-        raise ConfigError(setting, f"cannot connect: {cause(exc, url)}") from None
+        raise ConfigError(setting, f"cannot connect: {connect_failure(exc, url)}") from None
     with conn:
         yield conn
 
-
-def cause(exc: Exception, url: str) -> str:
-    """libpq's multi-line message as one line, without the URL's password."""
-    text = re.sub(r"\s+", " ", str(exc)).strip()
-    password = conninfo_to_dict(url).get("password")
-    if password:
-        text = text.replace(str(password), "***")
-    return text or type(exc).__name__

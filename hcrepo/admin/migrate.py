@@ -5,7 +5,7 @@ database the owner owns. Everything after that (`apply`, `rollback`, `status`) r
 owner role, never as a superuser and never as the application role.
 
 Connection failures become `ConfigError` naming the setting the URL came from, with a
-one-line cause and never the password (hcrepo.admin.connect).
+one-line cause and never the password (hcrepo.config.connect_failure).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import psycopg
 from psycopg import sql
 from yoyo import get_backend, read_migrations
 
-from hcrepo.admin.connect import cause, connect, conninfo_url, params
+from hcrepo.admin.connect import connect, conninfo_url, params
+from hcrepo.config import connect_failure
 from hcrepo.errors import ConfigError, HcrepoError
 from hcrepo.shipped import shipped_dir
 
@@ -128,7 +129,7 @@ def _backend(url: str, setting: str) -> Iterator[Any]:
     try:
         backend = get_backend(_yoyo_uri(url, setting))
     except psycopg.OperationalError as exc:
-        raise ConfigError(setting, f"cannot connect: {cause(exc, url)}") from None
+        raise ConfigError(setting, f"cannot connect: {connect_failure(exc, url)}") from None
     try:
         yield backend
     finally:

@@ -1,2 +1,2 @@
 """Operating primitives every layer may use: Prometheus metrics, lock-free counters, circuit
-breakers. They import nothing of hcrepo."""
+breakers, the bridge of psycopg's log records into loguru. They import nothing of hcrepo."""

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 import psycopg
 
-from hcrepo.config import server_options
+from hcrepo.config import connect_failure, server_options
 from hcrepo.ops.counters import Counter
 from hcrepo.routing.consistency import parse_lsn
 
@@ -121,6 +121,7 @@ class NodeHealth:
 
     def __init__(self, url: str, timeout: float) -> None:
         self.probes = ProbePool(url, timeout, warm_up=_PROBE_SQL)
+        self._url = url
         self.up: bool | None = None  # None until the first probe
         self.role_ok = True
         self.started_at: datetime | None = None
@@ -131,6 +132,8 @@ class NodeHealth:
         self.lagging = False
         self.latency: float | None = None
         self.error: str | None = None
+        # libpq's own account of a failure to reach or log in, one line, no password.
+        self.reason: str | None = None
         self.refreshes = Counter()
         self._refreshing = threading.Lock()
 
@@ -147,7 +150,7 @@ class NodeHealth:
 
     def observe(self, probe: Probe, at: float) -> None:
         self.up = True
-        self.error = None
+        self.error = self.reason = None
         self.lsn, self.lsn_at = probe.lsn, at
         previous = self.latency
         self.latency = probe.latency if previous is None else (
@@ -157,6 +160,11 @@ class NodeHealth:
     def down(self, error: BaseException, at: float) -> None:
         self.up = False
         self.error = describe_error(error)
+        # Without a SQLSTATE the message is libpq's (reaching, logging in), never a
+        # statement's, so it holds no value.
+        self.reason = None
+        if isinstance(error, psycopg.OperationalError) and error.sqlstate is None:
+            self.reason = connect_failure(error, self._url)
         self.forget_replay()
 
     def forget_replay(self) -> None:
@@ -227,6 +235,7 @@ class NodeHealth:
             "lagging": self.lagging,
             "latency_ms": None if self.latency is None else round(self.latency * 1000, 3),
             "error": self.error,
+            "reason": self.reason,
             "replay_refreshes": self.refreshes.value,
         }
 

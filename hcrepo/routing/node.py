@@ -5,18 +5,28 @@ first use and is rebuilt in a forked child, so gunicorn --preload and multiproce
 their own sockets. Standby pools connect with `default_transaction_read_only=on`: even a
 replica URL that really points at a primary cannot take a write.
 
+`Router.open` logs in to each node once before any pool exists (`admit`): a wrong URL fails
+there within DB_CONNECT_TIMEOUT, with libpq's reason in one line and no password, instead of
+as a pool that never fills; the same login refuses a role that would bypass row-level
+security. Pool connections use DB_CONNECT_TIMEOUT as libpq's `connect_timeout`.
+
 Every new connection verifies the server's role (`pg_is_in_recovery()`) and its start time:
 a mismatch is reported once and takes the node out of routing, and a restart forgets the
 cached replay position (a restarted standby may come back behind it).
 
 Hygiene: each checkout records when and where (the caller's frames) it was taken, so pool
 exhaustion raises `PoolTimeout` naming the node, the pool's stats and how long the holders
-have held their connections, and the health monitor logs one warning, with that stack, for a
-connection held longer than HCREPO_POOL_LEAK_THRESHOLD.
+have held their connections. A checkout that fails with room left in the pool, or a
+connection found lost, tries one login: when the server cannot be reached the error says so
+("primary (host:port/db) unreachable: ... Connection refused"), without pool statistics.
+The health monitor logs one warning, with the taker's stack, for a connection held longer
+than HCREPO_POOL_LEAK_THRESHOLD. psycopg_pool's own records reach loguru through
+`hcrepo.ops.driver_logs`, routed when the first node is made.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -33,14 +43,21 @@ import psycopg_pool
 from loguru import logger
 from psycopg.conninfo import conninfo_to_dict
 
-from hcrepo.config import Settings, server_options
-from hcrepo.errors import ConnectionLost, PoolTimeout
+from hcrepo.config import Settings, connect_failure, server_options
+from hcrepo.errors import ConfigError, ConnectionLost, PoolTimeout
+from hcrepo.ops import driver_logs
 from hcrepo.ops.breaker import CLOSED, BreakerState, CircuitBreaker
 from hcrepo.ops.counters import Counter
 from hcrepo.pipeline import HcConnection
 from hcrepo.routing.health import NodeHealth
 
-_ROLE_SQL = "/* hcrepo:role */ SELECT pg_is_in_recovery(), pg_postmaster_start_time()"
+# The last two columns: a superuser or BYPASSRLS role is not subject to row-level security,
+# where tenant isolation lives.
+_ROLE_SQL = (
+    "/* hcrepo:role */ SELECT pg_is_in_recovery(), pg_postmaster_start_time(), "
+    "current_user::text, (SELECT rolsuper OR rolbypassrls FROM pg_roles "
+    "WHERE rolname = current_user)"
+)
 # Frames kept per checkout for the leak warning: enough to reach application code.
 _STACK_LIMIT = 16
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -115,6 +132,11 @@ def _copy_lines(frame: FrameType) -> list[tuple[FrameType, int]]:
     return lines
 
 
+def libpq_seconds(timeout: float) -> int:
+    """`timeout` as libpq's connect_timeout: whole seconds, at least 1."""
+    return max(1, math.ceil(timeout))
+
+
 def address(url: str) -> str:
     """host:port/dbname of a URL, without user or password: safe for logs and errors."""
     params = conninfo_to_dict(url)
@@ -138,6 +160,7 @@ class Node:
         self.name = name
         self.url = url
         self.is_primary = is_primary
+        self.setting = "DATABASE_URL" if is_primary else "READ_REPLICA_URLS"
         self.address = address(url)
         self.health = NodeHealth(url, settings.health_timeout)
         self.breaker = self._new_breaker(settings)
@@ -150,6 +173,7 @@ class Node:
         self._holders: dict[int, _Hold] = {}
         self._down_since: float | None = None
         _nodes.add(self)
+        driver_logs.route()
 
     @staticmethod
     def _new_breaker(settings: Settings) -> CircuitBreaker:
@@ -169,7 +193,10 @@ class Node:
 
     def _make_pool(self) -> psycopg_pool.ConnectionPool[HcConnection]:
         s = self._settings
-        kwargs: dict[str, Any] = {"autocommit": True, "prepare_threshold": None}
+        kwargs: dict[str, Any] = {
+            "autocommit": True, "prepare_threshold": None,
+            "connect_timeout": libpq_seconds(s.db_connect_timeout),
+        }
         if not self.is_primary:
             kwargs["options"] = server_options(self.url, default_transaction_read_only="on")
         pool: psycopg_pool.ConnectionPool[HcConnection] = psycopg_pool.ConnectionPool(
@@ -193,7 +220,55 @@ class Node:
         conn.named_statements = self._settings.prepared_statements
         row = conn.execute(_ROLE_SQL).fetchone()
         assert row is not None  # a SELECT without FROM returns one row
+        try:
+            self._refuse_privileged(role=row[2], privileged=bool(row[3]))
+        except ConfigError:
+            conn.close()  # the pool logs the error and never hands this login out
+            raise
         self.verify_role(in_recovery=bool(row[0]), started_at=row[1])
+
+    def admit(self, timeout: float) -> str | None:
+        """Log in once, now, within `timeout`: why that failed in one line without the
+        password, or None. A role that bypasses row-level security raises `ConfigError`
+        naming the node's setting, unless HCREPO_ALLOW_PRIVILEGED_ROLE is on (every pool
+        connection is checked the same way, for a node that could not be reached here)."""
+        try:
+            with psycopg.connect(
+                self.url, connect_timeout=libpq_seconds(timeout), autocommit=True
+            ) as conn:
+                row = conn.execute(_ROLE_SQL).fetchone()
+        except psycopg.OperationalError as exc:
+            return connect_failure(exc, self.url)
+        assert row is not None  # a SELECT without FROM returns one row
+        self._refuse_privileged(role=row[2], privileged=bool(row[3]))
+        return None
+
+    def _refuse_privileged(self, *, role: str, privileged: bool) -> None:
+        if privileged and not self._settings.allow_privileged_role:
+            raise ConfigError(
+                self.setting,
+                f"{self.name} ({self.address}) logs in as {role}, a superuser or BYPASSRLS "
+                "role: row-level security would not apply to it. Use hcrepo_app or a role "
+                "like it (HCREPO_ALLOW_PRIVILEGED_ROLE=true permits it, for test rigs)",
+            )
+
+    def reach(self, timeout: float) -> str | None:
+        """Why the server cannot be logged into now (one attempt within `timeout`), in one
+        line without the password; None when it can."""
+        try:
+            psycopg.connect(self.url, connect_timeout=libpq_seconds(timeout)).close()
+        except psycopg.OperationalError as exc:
+            return connect_failure(exc, self.url)
+        return None
+
+    def explain_lost(self, error: ConnectionLost) -> None:
+        """Put in front of `error`'s message that the server is unreachable, if it is."""
+        failure = self.reach(self._settings.health_timeout)
+        if failure is not None:
+            error.args = (f"{self._unreachable(failure)}; {error.args[0]}",)
+
+    def _unreachable(self, failure: str) -> str:
+        return f"{self.name} ({self.address}) unreachable: {failure}"
 
     def open(self, timeout: float) -> None:
         """Fill the pool to its minimum now; `PoolTimeout` when the server does not answer."""
@@ -220,10 +295,17 @@ class Node:
     # -- checkout ------------------------------------------------------------------------
 
     def acquire(
-        self, timeout: float | None = None, *, depth: int = 1, held_in_frame: bool = False
+        self,
+        timeout: float | None = None,
+        *,
+        depth: int = 1,
+        held_in_frame: bool = False,
+        explain: bool = True,
     ) -> HcConnection:
         """Check a connection out; `release()` it. The taker is the frame `depth` levels up
-        (1: the caller); `held_in_frame`: it releases the connection before it returns."""
+        (1: the caller); `held_in_frame`: it releases the connection before it returns.
+        `explain`: a timeout with room in the pool tries one login to say why (off where
+        the error is not the caller's, as in a replica read that fails over)."""
         pool = self._pool or self.pool
         try:
             conn = pool.getconn(timeout)
@@ -234,7 +316,14 @@ class Node:
             )) from None
         except psycopg_pool.PoolTimeout:
             waited = self._settings.pool_acquire_timeout if timeout is None else timeout
-            raise PoolTimeout(self._exhausted(f"no connection within {waited}s", pool)) from None
+            failure = None
+            if explain and len(self._holders) < pool.max_size:
+                # The pool had room, so it could not connect: say why, not how full it is.
+                failure = self.reach(self._settings.health_timeout)
+            raise PoolTimeout(
+                self._exhausted(f"no connection within {waited}s", pool)
+                if failure is None else self._unreachable(failure)
+            ) from None
         except psycopg_pool.PoolClosed:
             raise ConnectionLost(
                 f"{self.name}: its pool was rebuilt while waiting", sqlstate=None
@@ -359,7 +448,7 @@ class Node:
         if state is BreakerState.OPEN or not breaker.allow():
             return
         try:
-            conn = self.acquire(timeout, held_in_frame=True)
+            conn = self.acquire(timeout, held_in_frame=True, explain=False)
         except (PoolTimeout, ConnectionLost, psycopg.Error) as exc:
             self.reset_pool()
             self.failed(f"half-open trial: {type(exc).__name__}")
@@ -426,6 +515,8 @@ class _Checkout:
         conn, self._conn = self._conn, None
         if conn is not None:
             self._node.release(conn)
+        if isinstance(exc, ConnectionLost):
+            self._node.explain_lost(exc)
 
 
 _nodes: weakref.WeakSet[Node] = weakref.WeakSet()

@@ -27,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from hcrepo.config import RoutingPolicy, Settings
-from hcrepo.errors import ConnectionLost, DatabaseError, HcrepoError, PoolTimeout
+from hcrepo.errors import ConfigError, ConnectionLost, DatabaseError, HcrepoError, PoolTimeout
 from hcrepo.ops import metrics
 from hcrepo.ops.breaker import CLOSED
 from hcrepo.ops.counters import Counters
@@ -80,9 +80,28 @@ class Router:
     # -- lifecycle -----------------------------------------------------------------------
 
     def open(self) -> None:
-        """Fill the primary's pool, probe every node once (roles, lag), start the monitor."""
+        """Log in to every node once, fill the primary's pool, probe every node once (roles,
+        lag), start the monitor; each step within DB_CONNECT_TIMEOUT.
+
+        `ConfigError` naming DATABASE_URL, with the server's reason in one line and no
+        password, when the primary cannot be logged into (wrong password, unknown host,
+        missing database, nothing listening), and naming the setting of any node whose role
+        is a superuser or has BYPASSRLS. A replica that cannot be logged into is skipped,
+        whatever the reason, and the primary takes its reads: libpq reports a failed login
+        without a SQLSTATE, so a replica that is down and one that refuses the password are
+        told apart only by a message the server may translate, and a replica is spare
+        capacity whose failure must not stop the primary from serving. Its probe failure
+        is logged once, and the monitor keeps probing: it joins once it answers. Replicas
+        are tried within HCREPO_HEALTH_TIMEOUT, like their probes.
+        """
         self._closed = False
-        self.primary.open(self._settings.pool_acquire_timeout)
+        settings = self._settings
+        failure = self.primary.admit(settings.db_connect_timeout)
+        if failure is not None:
+            raise ConfigError(self.primary.setting, f"cannot connect: {failure}")
+        for replica in self.replicas:
+            replica.admit(settings.health_timeout)  # a failed login: the probe reports it
+        self.primary.open(settings.db_connect_timeout)
         self.monitor.check_now()
 
     def _ensure_monitor(self) -> HealthMonitor | None:
@@ -130,7 +149,11 @@ class Router:
             return self._read(attempt, need)
         except ConnectionLost:
             self.primary.pool.check()
+        try:
             return self._read(attempt, need)
+        except ConnectionLost as error:
+            self.primary.explain_lost(error)
+            raise
 
     def _read(self, attempt: Callable[[HcConnection], R], need: int) -> R:
         if self._monitor is None:
@@ -158,7 +181,7 @@ class Router:
         On the primary, the last resort, every error propagates."""
         replica = node is not self.primary
         try:
-            conn = node.acquire(depth=2, held_in_frame=True)
+            conn = node.acquire(depth=2, held_in_frame=True, explain=not replica)
         except (PoolTimeout, ConnectionLost):
             self._wake_monitor()  # busy or unreachable: let a probe tell which, now
             if replica:
@@ -310,7 +333,7 @@ def _why_not(node: Node) -> str:
     if node.breaker.state is not CLOSED:
         return f"breaker {node.breaker.state}"
     if health.up is False:
-        return f"probe failed: {health.error}"
+        return f"probe failed: {health.error}" + (f": {health.reason}" if health.reason else "")
     if not health.role_ok:
         return "not a standby"
     seconds = "unknown" if health.lag_seconds is None else f"{health.lag_seconds:.2f}"

@@ -76,6 +76,8 @@ class Cluster:
             "pool_max": 10,
             # The monitor thread stays out of the way; tests run cycles with check_now().
             "health_interval": 60.0,
+            # The cluster's nodes are reached as the superuser (no application role here).
+            "allow_privileged_role": True,
             **overrides,
         }
         return Settings(**options)
