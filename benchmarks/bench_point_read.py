@@ -80,7 +80,9 @@ def main() -> str:
         ids = itertools.cycle(s.patient_ids[:500])
         sized: dict[str, Any] = {"pool_min": CONNECTIONS, "pool_max": CONNECTIONS, "redis_url": ""}
         db = Database(Settings(database_url=s.app_url, **sized))
-        unscoped_db = Database(Settings(database_url=s.superuser_url, **sized))
+        # The superuser on purpose: the no-RLS baselines (refused by default, so allowed here).
+        unscoped_db = Database(Settings(database_url=s.superuser_url, allow_privileged_role=True,
+                                        **sized))
         pools: dict[str, Any] = {"min_size": CONNECTIONS, "max_size": CONNECTIONS, "open": True}
         raw_pool = psycopg_pool.ConnectionPool(
             s.superuser_url, kwargs={"autocommit": True}, **pools
