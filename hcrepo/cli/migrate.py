@@ -109,7 +109,12 @@ def _migration_target(database: str | None) -> tuple[str, str]:
     if not os.environ.get("DATABASE_URL") and os.environ.get("HCREPO_OWNER_URL"):
         # A migration job may hold only the owner's URL; do not demand the application's too.
         overrides["database_url"] = os.environ["HCREPO_OWNER_URL"]
-    settings = Settings.load(**overrides)
+    try:
+        settings = Settings.load(**overrides)
+    except ConfigError as exc:
+        if overrides and exc.setting == "DATABASE_URL":  # the stand-in was refused
+            raise ConfigError("HCREPO_OWNER_URL", exc.problem) from None
+        raise
     return settings.migration_url, "HCREPO_OWNER_URL" if settings.owner_url else "DATABASE_URL"
 
 
