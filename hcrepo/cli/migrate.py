@@ -86,7 +86,7 @@ def _confirm(plan: migrate.RollbackPlan, *, everything: bool) -> None:
     what = f"roll back {', '.join(plan.migrations)}"
     if plan.tables_with_rows:
         what += f", dropping tables that may hold rows ({', '.join(plan.tables_with_rows)})"
-    if not sys.stdin.isatty():
+    if sys.stdin is None or not sys.stdin.isatty():
         raise ConfigError("migrate rollback", f"would {what}: give --yes to confirm (stdin "
                                               "is not a terminal to ask); nothing rolled back")
     print(f"hcrepo: this will {what}. Continue? [y/N] ", end="", file=sys.stderr, flush=True)
