@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 from enum import StrEnum
 from typing import Annotated, Any, Self
@@ -24,7 +25,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from hcrepo import durations
 from hcrepo.errors import ConfigError
@@ -221,14 +222,31 @@ class Settings(BaseSettings):
             return cls(**overrides)
         except ValidationError as exc:
             raise _as_config_error(exc) from None
+        except SettingsError as exc:
+            # pydantic-settings decodes JSON-valued variables before validation and raises
+            # its own error, naming the field only inside its message.
+            raise _decoding_error(exc) from None
+
+
+def _setting_name(field_name: str) -> str:
+    field = Settings.model_fields.get(field_name)
+    return field.alias if field is not None and field.alias else field_name
+
+
+def _decoding_error(exc: SettingsError) -> ConfigError:
+    found = re.search(r'field "(\w+)"', str(exc))
+    setting = _setting_name(found.group(1)) if found else "settings"
+    cause = exc.__cause__
+    if isinstance(cause, json.JSONDecodeError):
+        # msg and pos only: the decoder's full text quotes no value, but keep it that way.
+        return ConfigError(setting, f"is not valid JSON ({cause.msg} at character {cause.pos})")
+    return ConfigError(setting, "cannot be decoded")
 
 
 def _as_config_error(exc: ValidationError) -> ConfigError:
     error = exc.errors(include_url=False, include_input=False)[0]
     location = error.get("loc") or ("settings",)
-    name = str(location[0])
-    field = Settings.model_fields.get(name)
-    setting = field.alias if field is not None and field.alias else name
+    setting = _setting_name(str(location[0]))
     if error.get("type") == "missing":
         return ConfigError(setting, "is required but not set")
     message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")

@@ -3,32 +3,24 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
+import pty
+from importlib import metadata
 from pathlib import Path
 from typing import Protocol
 
+import psycopg
 import pytest
 
 from hcrepo.admin import migrate
 from hcrepo.cli import main
 from hcrepo.testing import PostgresServer, free_port
 from tests.plugins.database import OWNER_PASSWORD, FreshDatabase
+from tests.support.cli import assert_one_line, hcrepo
 
-ROOT = Path(__file__).resolve().parents[1]
 MIGRATIONS = sorted(
     path.stem for path in migrate.migrations_dir().glob("*.sql")
     if not path.name.endswith(".rollback.sql")
 )
-
-
-def hcrepo(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    # Only PATH (and the checkout on sys.path): no DATABASE_URL etc. leaks in from the caller.
-    clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "hcrepo", *args], env={**clean, **(env or {})}, cwd=ROOT,
-        capture_output=True, text=True, timeout=120, check=False,
-    )
 
 
 def listing(*applied: str) -> str:
@@ -80,7 +72,7 @@ def test_list_apply_rollback_with_database_option(
     assert cli("migrate", "rollback", "--count", "2", "--database", url) == (0, two, "")
     assert cli("migrate", "list", "--database", url) == (0, listing(*MIGRATIONS[:-3]), "")
     rest = "".join(f"rolled back {name}\n" for name in reversed(MIGRATIONS[:-3]))
-    assert cli("migrate", "rollback", "--all", "--database", url) == (0, rest, "")
+    assert cli("migrate", "rollback", "--all", "--yes", "--database", url) == (0, rest, "")
     nothing = "nothing to roll back\n"
     assert cli("migrate", "rollback", "--all", "--database", url) == (0, nothing, "")
 
@@ -151,11 +143,8 @@ def test_bad_connection_settings_give_one_line_and_exit_2(
     result = hcrepo("migrate", *args, env=env)
     assert result.returncode == 2
     assert result.stdout == ""
-    line = result.stderr
-    assert line.count("\n") == 1 and line.endswith("\n"), line
-    assert line.startswith(f"hcrepo: {setting}: ")
-    assert cause in line
-    assert "Traceback" not in line and "s3cret-Pa55" not in line
+    assert_one_line(result.stderr, starts=f"hcrepo: {setting}: ", contains=cause)
+    assert "s3cret-Pa55" not in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -164,13 +153,15 @@ def test_bad_connection_settings_give_one_line_and_exit_2(
      ["migrate", "rollback", "--count", "0"], ["migrate", "rollback", "--count", "x"],
      ["migrate", "rollback", "--count", "1", "--all"]],
 )
-def test_bad_arguments_exit_2_with_usage(
+def test_bad_arguments_exit_2_with_one_line_pointing_at_help(
     args: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exited:
         main(args)
     assert exited.value.code == 2
-    assert "usage: hcrepo" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert_one_line(err, starts="hcrepo", contains=" --help')")
 
 
 def test_owner_password_is_never_echoed(fresh_database: FreshDatabase, cli: InProcess) -> None:
@@ -178,3 +169,90 @@ def test_owner_password_is_never_echoed(fresh_database: FreshDatabase, cli: InPr
     status, out, err = cli("migrate", "apply", "--database", url)
     assert status == 0
     assert OWNER_PASSWORD not in out + err
+
+
+def applied_now(url: str) -> list[str]:
+    return [state.id for state in migrate.status(url, setting="owner URL") if state.applied]
+
+
+def test_rollback_all_without_yes_is_refused_when_no_terminal_can_ask(
+    fresh_database: FreshDatabase,
+) -> None:
+    url = fresh_database().owner_url
+    migrate.apply(url, setting="owner URL")
+    result = hcrepo("migrate", "rollback", "--all", "--database", url)
+    assert (result.returncode, result.stdout) == (2, "")
+    newest_first = ", ".join(reversed(MIGRATIONS))
+    assert_one_line(result.stderr, starts=f"hcrepo: migrate rollback: would roll back "
+                    f"{newest_first}: give --yes to confirm", contains="nothing rolled back")
+    assert applied_now(url) == MIGRATIONS
+
+
+def test_a_rollback_that_drops_a_table_holding_rows_needs_yes(
+    fresh_database: FreshDatabase,
+) -> None:
+    db = fresh_database()
+    migrate.apply(db.owner_url, setting="owner URL")
+    with psycopg.connect(db.superuser_url) as conn:
+        conn.execute("INSERT INTO clinics (name) VALUES ('Rollback Clinic')")
+    # The clinical tables 0003 drops are empty: no question.
+    result = hcrepo("migrate", "rollback", "--count", "3", "--database", db.owner_url)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert applied_now(db.owner_url) == MIGRATIONS[:2]
+
+    result = hcrepo("migrate", "rollback", "--database", db.owner_url)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert_one_line(result.stderr, starts="hcrepo: migrate rollback: would roll back "
+                    "0002_directory, dropping tables that may hold rows (clinics): give --yes")
+    assert applied_now(db.owner_url) == MIGRATIONS[:2]
+    with psycopg.connect(db.superuser_url) as conn:
+        assert conn.execute("SELECT count(*) FROM clinics").fetchone() == (1,)
+
+    result = hcrepo("migrate", "rollback", "--yes", "--database", db.owner_url)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0, "rolled back 0002_directory\n", "")
+    assert applied_now(db.owner_url) == MIGRATIONS[:1]
+
+
+@pytest.mark.parametrize(("answer", "status"), [("n", 2), ("", 2), ("y", 0)])
+def test_a_terminal_is_asked_before_rolling_back_everything(
+    fresh_database: FreshDatabase, answer: str, status: int
+) -> None:
+    url = fresh_database().owner_url
+    migrate.apply(url, setting="owner URL")
+    terminal, child_side = pty.openpty()
+    try:
+        # Typed ahead: the terminal holds the line until the command reads it.
+        os.write(terminal, f"{answer}\n".encode())
+        result = hcrepo("migrate", "rollback", "--all", "--database", url, stdin=child_side)
+    finally:
+        os.close(terminal)
+        os.close(child_side)
+    assert result.returncode == status
+    assert result.stderr.startswith("hcrepo: this will roll back 0005_staff_and_session_state")
+    assert "Continue? [y/N] " in result.stderr
+    if status:
+        assert result.stdout == ""
+        assert result.stderr.endswith("hcrepo: migrate rollback: not confirmed; nothing rolled "
+                                      "back\n")
+        assert applied_now(url) == MIGRATIONS
+    else:
+        assert result.stdout == "".join(f"rolled back {m}\n" for m in reversed(MIGRATIONS))
+        assert applied_now(url) == []
+
+
+def test_version_comes_from_the_package_metadata() -> None:
+    result = hcrepo("--version")
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0, f"hcrepo {metadata.version('hcrepo')}\n", "")
+
+
+def test_help_is_written_for_users_and_lists_the_actions() -> None:
+    top = hcrepo("--help").stdout
+    assert top.startswith("usage: hcrepo [-h] [--version] {bootstrap,migrate,check,demo} ...")
+    assert "one module per subcommand" not in top
+    assert "hcrepo bootstrap --superuser-url" in top and "exit status" in top
+    assert hcrepo("migrate", "--help").stdout.startswith(
+        "usage: hcrepo migrate [-h] {apply,rollback,list} ...")
+    rollback = hcrepo("migrate", "rollback", "--help").stdout
+    assert "--yes" in rollback and "asks for confirmation" in rollback

@@ -58,3 +58,17 @@ def test_deployment_names_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.migration_url == "postgresql://app@127.0.0.1:1/app"
     monkeypatch.setenv("HCREPO_OWNER_URL", "postgresql://owner@127.0.0.1:1/app")
     assert Settings.load().migration_url == "postgresql://owner@127.0.0.1:1/app"
+
+
+@pytest.mark.parametrize("value", ["notjson", '{"patient": 60', "[1, 2"])
+def test_a_json_setting_that_does_not_decode_names_its_variable(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://app:secret@127.0.0.1:1/app")
+    monkeypatch.setenv("HCREPO_CACHE_TTL_PRESETS", value)
+    with pytest.raises(ConfigError) as raised:
+        Settings.load()
+    assert raised.value.setting == "HCREPO_CACHE_TTL_PRESETS"
+    assert str(raised.value).startswith("HCREPO_CACHE_TTL_PRESETS: is not valid JSON (")
+    assert value not in str(raised.value)
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__

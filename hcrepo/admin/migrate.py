@@ -10,14 +10,16 @@ one-line cause and never the password (hcrepo.config.connect_failure).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlencode
 
 import psycopg
+from pglast import ast, enums, parser
 from psycopg import sql
+from psycopg.rows import dict_row
 from yoyo import get_backend, read_migrations
 
 from hcrepo.admin.connect import connect, conninfo_url, params
@@ -47,43 +49,135 @@ def migrations_dir() -> Path:
     return shipped_dir("migrations")
 
 
-def bootstrap(superuser_url: str, *, database: str, owner_password: str) -> str:
-    """Create or update the owner role and its database; return the owner's URL.
+class MigrationRefused(ConfigError):
+    """The connected role cannot do what the migrations need; nothing was applied."""
 
-    Idempotent: re-running sets the password again and leaves an existing database alone.
+
+# Role attributes that let a role read past row-level security (or, for the application
+# role, grow into one that can); the migrations' policies assume neither role has them.
+_UNSAFE = {"rolsuper": "SUPERUSER", "rolbypassrls": "BYPASSRLS", "rolcreaterole": "CREATEROLE",
+           "rolcreatedb": "CREATEDB", "rolreplication": "REPLICATION"}
+_OWNER_UNSAFE = ("rolsuper", "rolbypassrls")
+_ROLE_ATTRIBUTES = {
+    # CREATEROLE lets the owner reset hcrepo_app's password and recreate it after a full
+    # rollback; an adopted owner keeps whatever CREATEROLE it had (migrate needs none).
+    OWNER_ROLE: "LOGIN CREATEROLE NOSUPERUSER NOBYPASSRLS NOCREATEDB",
+    APP_ROLE: "LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE NOREPLICATION",
+}
+_ROLE_SQL = "SELECT * FROM pg_roles WHERE rolname = %s"
+
+
+def bootstrap(
+    superuser_url: str, *, database: str, owner_password: str, app_password: str | None = None,
+    setting: str = "superuser URL", report: Callable[[str], None] | None = None,
+) -> str:
+    """Create or adopt the owner role, the application role and a database the owner owns;
+    return the owner's URL. Needs a superuser, or a role with CREATEROLE and CREATEDB (a
+    managed service's administrator).
+
+    Idempotent: re-running sets the passwords again and changes nothing else. An existing
+    role with attributes that defeat row-level security is refused before anything changes.
+    `app_password` None leaves hcrepo_app's password as it is; `report` gets one line per
+    role and for the database.
     """
-    with connect(superuser_url, "superuser URL", autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [OWNER_ROLE]).fetchone()
-        verb = "ALTER" if exists else "CREATE"
-        conn.execute(
-            sql.SQL(
-                "{} ROLE {} LOGIN CREATEROLE NOSUPERUSER NOBYPASSRLS NOCREATEDB PASSWORD {}"
-            ).format(
-                sql.SQL(verb),
-                sql.Identifier(OWNER_ROLE),
-                sql.Literal(_encrypted(conn, OWNER_ROLE, owner_password)),
-            )
-        )
-        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [database]).fetchone():
-            conn.execute(
-                sql.SQL("CREATE DATABASE {} OWNER {}").format(
-                    sql.Identifier(database), sql.Identifier(OWNER_ROLE)
-                )
-            )
-    with connect(conninfo_url(superuser_url, dbname=database), "superuser URL") as conn:
+    say = report or (lambda _line: None)
+    with connect(superuser_url, setting, autocommit=True) as conn, _translated(setting):
+        roles = {name: _role(conn, name) for name in (OWNER_ROLE, APP_ROLE)}
+        me = _role(conn, None)
+        assert me is not None  # the connected role exists
+        _refuse_bootstrap(setting, conn, database, roles, me)
+        say(_ensure_role(conn, OWNER_ROLE, roles[OWNER_ROLE], owner_password))
+        say(_ensure_role(conn, APP_ROLE, roles[APP_ROLE], app_password))
+        if not me["rolsuper"]:
+            # CREATE/ALTER DATABASE ... OWNER needs a non-superuser to be a member of it.
+            conn.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(sql.Identifier(OWNER_ROLE)))
+        say(_ensure_database(conn, database))
+    target = conninfo_url(superuser_url, dbname=database)
+    with connect(target, setting) as conn, _translated(setting):
         # On PostgreSQL 14 and older public belongs to the bootstrap superuser.
         conn.execute(sql.SQL("ALTER SCHEMA public OWNER TO {}").format(sql.Identifier(OWNER_ROLE)))
     return conninfo_url(superuser_url, user=OWNER_ROLE, password=owner_password, dbname=database)
 
 
+def _refuse_bootstrap(
+    setting: str, conn: psycopg.Connection, database: str,
+    roles: dict[str, dict[str, Any] | None], me: dict[str, Any],
+) -> None:
+    problems = [
+        unsafe for name, role in roles.items() if role is not None and (
+            unsafe := _unsafe_role(name, role, _OWNER_UNSAFE if name == OWNER_ROLE
+                                   else tuple(_UNSAFE)))
+    ]
+    if not me["rolsuper"] and not me["rolcreaterole"]:
+        problems.append(f"{me['rolname']} is neither a superuser nor has CREATEROLE")
+    exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [database]).fetchone()
+    if not exists and not me["rolsuper"] and not me["rolcreatedb"]:
+        problems.append(f"database {database} does not exist and {me['rolname']} lacks CREATEDB")
+    if problems:
+        raise ConfigError(setting, "; ".join(problems) + "; nothing changed")
+
+
+def _unsafe_role(name: str, role: dict[str, Any], attributes: Sequence[str]) -> str | None:
+    unsafe = [_UNSAFE[attribute] for attribute in attributes if role[attribute]]
+    if not unsafe:
+        return None
+    undo = " ".join(f"NO{_UNSAFE[attribute]}" for attribute in attributes)
+    return (f"role {name} exists with {', '.join(unsafe)}, which defeats tenant isolation "
+            f"(as a superuser: ALTER ROLE {name} {undo})")
+
+
+def _role(conn: psycopg.Connection, name: str | None) -> dict[str, Any] | None:
+    """The pg_roles row of `name` (None: the connected role), or None when it is missing."""
+    cursor = conn.cursor(row_factory=dict_row)
+    if name is None:
+        return cursor.execute("SELECT * FROM pg_roles WHERE rolname = current_user").fetchone()
+    return cursor.execute(_ROLE_SQL, [name]).fetchone()
+
+
+def _ensure_role(
+    conn: psycopg.Connection, name: str, existing: dict[str, Any] | None, password: str | None
+) -> str:
+    verb, attributes = ("ALTER", "LOGIN") if existing else ("CREATE", _ROLE_ATTRIBUTES[name])
+    statement = sql.SQL("{} ROLE {} {}").format(
+        sql.SQL(verb), sql.Identifier(name), sql.SQL(attributes)
+    )
+    if password is not None:
+        statement += _password(conn, name, password)
+    conn.execute(statement)
+    done = "created" if existing is None else "exists, kept"
+    return f"role {name}: {done}{', password set' if password is not None else ''}"
+
+
+def _ensure_database(conn: psycopg.Connection, database: str) -> str:
+    row = conn.execute(
+        "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", [database]
+    ).fetchone()
+    names = (sql.Identifier(database), sql.Identifier(OWNER_ROLE))
+    if row is None:
+        conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(*names))
+        return f"database {database}: created, owned by {OWNER_ROLE}"
+    if row[0] != OWNER_ROLE:
+        conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(*names))
+        return f"database {database}: exists, owner changed from {row[0]} to {OWNER_ROLE}"
+    return f"database {database}: exists, owned by {OWNER_ROLE}"
+
+
+@contextmanager
+def _translated(setting: str) -> Iterator[None]:
+    """A refused administration statement as one line naming the setting."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        # The primary message only: DETAIL lines can quote values.
+        primary = exc.diag.message_primary or type(exc).__name__
+        raise ConfigError(setting, f"{primary} [{exc.sqlstate or '?'}]") from None
+
+
 def set_role_password(owner_url: str, role: str, password: str) -> None:
     """Set a login role's password as the owner (CREATEROLE), e.g. for hcrepo_app."""
     with connect(owner_url, "owner URL", autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("ALTER ROLE {} PASSWORD {}").format(
-                sql.Identifier(role), sql.Literal(_encrypted(conn, role, password))
-            )
-        )
+        conn.execute(sql.SQL("ALTER ROLE {}").format(sql.Identifier(role)) +
+                     _password(conn, role, password))
 
 
 def status(url: str, *, setting: str, source: Path | None = None) -> list[MigrationState]:
@@ -96,22 +190,114 @@ def status(url: str, *, setting: str, source: Path | None = None) -> list[Migrat
 def apply(url: str, *, setting: str, source: Path | None = None) -> list[str]:
     """Apply every pending migration, each in its own transaction; return their ids."""
     migrations = read_migrations(str(source or migrations_dir()))
+    with connect(url, setting) as conn:
+        problems = _migrate_problems(conn)
+    if problems:
+        raise MigrationRefused(setting, "; ".join(problems) + "; nothing applied (hcrepo "
+                               "bootstrap, run once as a superuser, sets the roles up)")
     with _backend(url, setting) as backend, backend.lock():
         pending = backend.to_apply(migrations)
         _run(backend.apply_one, pending)
         return [m.id for m in pending]
 
 
+class RollbackPlan(NamedTuple):
+    """What a rollback is about to do: the migrations, newest first, and the tables their
+    rollback drops that may hold rows."""
+
+    migrations: list[str]
+    tables_with_rows: list[str]
+
+
 def rollback(
-    url: str, *, setting: str, count: int | None = 1, source: Path | None = None
+    url: str, *, setting: str, count: int | None = 1, source: Path | None = None,
+    confirm: Callable[[RollbackPlan], None] | None = None,
 ) -> list[str]:
-    """Roll back the last `count` applied migrations (None: all); return their ids."""
+    """Roll back the last `count` applied migrations (None: all); return their ids.
+
+    `confirm` sees the plan before anything is rolled back, under the migration lock, and
+    raises to stop it.
+    """
     migrations = read_migrations(str(source or migrations_dir()))
     with _backend(url, setting) as backend, backend.lock():
         applied = list(backend.to_rollback(migrations))
         chosen = applied if count is None else applied[:count]
+        if confirm is not None and chosen:
+            tables = [table for m in chosen for table in _dropped_tables(m.path)]
+            confirm(RollbackPlan([m.id for m in chosen], _with_rows(backend, tables)))
         _run(backend.rollback_one, chosen)
         return [m.id for m in chosen]
+
+
+def _dropped_tables(path: str) -> list[str]:
+    """The tables the DROP TABLE statements of a SQL migration's rollback file name."""
+    rollback_file = Path(path).with_name(Path(path).stem + ".rollback.sql")
+    if not rollback_file.is_file():
+        return []
+    return [
+        ".".join(part.sval for part in name)
+        for raw in parser.parse_sql(rollback_file.read_text())
+        if isinstance(raw.stmt, ast.DropStmt)
+        and raw.stmt.removeType == enums.ObjectType.OBJECT_TABLE
+        for name in raw.stmt.objects or ()
+    ]
+
+
+def _with_rows(backend: Any, tables: list[str]) -> list[str]:
+    # Row-level security hides rows from the owner without a clinic, so a count would say
+    # "empty" about a full table: a table with any page on disk is taken to hold rows.
+    with backend.connection.cursor() as cursor:  # yoyo's connection is in autocommit
+        cursor.execute(
+            "SELECT name FROM unnest(%s::text[]) WITH ORDINALITY AS t(name, n) "
+            "WHERE pg_relation_size(to_regclass(name)) > 0 ORDER BY n", [tables],
+        )
+        return [str(row[0]) for row in cursor.fetchall()]
+
+
+_CAN_MIGRATE_SQL = """
+SELECT current_user AS me, current_database() AS db,
+       (SELECT pg_has_role(current_user, oid, 'USAGE') FROM pg_roles WHERE rolname = %(owner)s)
+           AS owner_member,
+       pg_has_role(current_user, d.datdba, 'USAGE') AS owns_db,
+       has_database_privilege(current_database(), 'CREATE') AS creates_in_db,
+       (SELECT pg_has_role(current_user, nspowner, 'USAGE') FROM pg_namespace
+        WHERE nspname = 'public') AS owns_public,
+       EXISTS (SELECT FROM pg_extension WHERE extname = 'btree_gist') AS has_btree_gist,
+       (SELECT bool_or(trusted) FROM pg_available_extension_versions
+        WHERE name = 'btree_gist') AS btree_gist_trusted
+FROM pg_database d WHERE d.datname = current_database()
+"""
+
+
+def _migrate_problems(conn: psycopg.Connection) -> list[str]:
+    """What the connected role lacks for the shipped migrations, each as a short phrase."""
+    me = _role(conn, None)
+    facts = conn.cursor(row_factory=dict_row).execute(
+        _CAN_MIGRATE_SQL, {"owner": OWNER_ROLE}
+    ).fetchone()
+    assert me is not None and facts is not None  # the connected role and database exist
+    name, db, superuser = facts["me"], facts["db"], me["rolsuper"]
+    app = _role(conn, APP_ROLE)
+    problems = []
+    if facts["owner_member"] is None:
+        problems.append(f"role {OWNER_ROLE} does not exist (the migrations' policies name it)")
+    elif not facts["owner_member"]:
+        problems.append(f"{name} is not {OWNER_ROLE} nor a member of it")
+    if app is None and not (superuser or me["rolcreaterole"]):
+        problems.append(f"role {APP_ROLE} does not exist and {name} lacks CREATEROLE")
+    elif app is not None and (unsafe := _unsafe_role(APP_ROLE, app, tuple(_UNSAFE))):
+        problems.append(unsafe)
+    if not facts["owns_db"]:
+        problems.append(f"{name} does not own database {db}")
+    elif not facts["creates_in_db"]:
+        problems.append(f"{name} lacks CREATE on database {db}")
+    if not facts["owns_public"]:
+        problems.append(f"{name} does not own schema public")
+    if not facts["has_btree_gist"] and facts["btree_gist_trusted"] is None:
+        problems.append("extension btree_gist is not available on the server")
+    elif not facts["has_btree_gist"] and not (facts["btree_gist_trusted"] or superuser):
+        problems.append("extension btree_gist is not trusted here and needs a superuser")
+    return problems
 
 
 def _run(step: Any, migrations: Any) -> None:
@@ -142,8 +328,8 @@ def _yoyo_uri(url: str, setting: str) -> str:
     return f"postgresql+psycopg:///?{urlencode(params(url, setting))}"
 
 
-def _encrypted(conn: psycopg.Connection, role: str, password: str) -> str:
+def _password(conn: psycopg.Connection, role: str, password: str) -> sql.Composable:
     # Hashed client-side (libpq, the server's algorithm) so the clear password never
     # reaches the server's statement log.
     verifier = conn.pgconn.encrypt_password(password.encode(), role.encode())
-    return verifier.decode()
+    return sql.SQL(" PASSWORD {}").format(sql.Literal(verifier.decode()))

@@ -1,8 +1,9 @@
-"""The `hcrepo` command: one module per subcommand (migrate, check, demo).
+"""The `hcrepo` command: one module per subcommand (bootstrap, migrate, check, demo).
 
-Errors a user can fix (settings, unreachable database, wrong credentials) print one line
-naming the setting and exit 2; a failed migration prints one line and exits 1. Neither shows
-a traceback: tracebacks are for bugs.
+Errors a user can fix (settings, arguments, unreachable database, wrong credentials, roles
+that lack a privilege, a destructive step not confirmed) print one line naming the setting
+or option and exit 2; a failed migration or check exits 1. Neither shows a traceback:
+tracebacks are for bugs.
 """
 
 from __future__ import annotations
@@ -10,11 +11,36 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from importlib import metadata
+from typing import NoReturn
 
-from hcrepo.cli import check, demo, migrate
+from hcrepo.cli import bootstrap, check, demo, migrate
 from hcrepo.errors import ConfigError, HcrepoError
 
 Command = Callable[[argparse.Namespace], int]
+
+DESCRIPTION = """\
+Set up and maintain the PostgreSQL database behind hcrepo: create its roles, apply its
+schema migrations, and check an application's queries against the live schema."""
+
+EPILOG = """\
+first deployment on a PostgreSQL that is already running (docs/deploying.md):
+  export HCREPO_OWNER_PASSWORD=... HCREPO_APP_PASSWORD=...
+  hcrepo bootstrap --superuser-url postgresql://postgres@db.example.com/postgres
+  export HCREPO_OWNER_URL=... DATABASE_URL=...     (the two lines bootstrap prints)
+  hcrepo migrate apply
+
+exit status: 0 done; 1 a migration or a check failed; 2 something to fix first (a
+setting, an argument, a missing privilege, a destructive step not confirmed), said in one
+line on stderr.
+"""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line, pointing at --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,9 +56,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def version() -> str:
+    try:
+        return metadata.version("hcrepo")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed as a package)"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hcrepo", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(required=True, metavar="COMMAND")
-    for command in (migrate, check, demo):
+    parser = Parser(prog="hcrepo", description=DESCRIPTION, epilog=EPILOG,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"hcrepo {version()}")
+    commands = parser.add_subparsers(required=True, title="commands")
+    for command in (bootstrap, migrate, check, demo):
         command.add(commands)
     return parser

@@ -71,13 +71,13 @@ def run(out: TextIO = sys.stdout) -> int:
         replica = primary.create_replica()
         redis = servers.enter_context(RedisServer())
         out.write(f"streaming replica on port {replica.port}, Redis on port {redis.port}\n")
+        app_password = secrets.token_urlsafe()
         owner_url = migrate.bootstrap(
-            primary.superuser_url, database="hcrepo_demo", owner_password=secrets.token_urlsafe()
+            primary.superuser_url, database="hcrepo_demo", owner_password=secrets.token_urlsafe(),
+            app_password=app_password,
         )
         applied = migrate.apply(owner_url, setting="demo owner URL")
         out.write(f"migrations applied as {migrate.OWNER_ROLE}: {', '.join(applied)}\n")
-        app_password = secrets.token_urlsafe()
-        migrate.set_role_password(owner_url, migrate.APP_ROLE, app_password)
         app_url = conninfo_url(owner_url, user=migrate.APP_ROLE, password=app_password)
         replica_url = replica.url(user=migrate.APP_ROLE, password=app_password,
                                   dbname="hcrepo_demo")
@@ -192,5 +192,9 @@ def _replay_paused(replica: PostgresServer) -> Iterator[None]:
 
 def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     commands.add_parser(
-        "demo", help="run a throw-away PostgreSQL, migrate, seed two clinics, show isolation"
+        "demo", help="walk through hcrepo on throw-away servers (needs hcrepo[testing])",
+        description="Start a throw-away PostgreSQL, a streaming replica and Redis; bootstrap, "
+        "migrate, seed two fake clinics and show tenant isolation, read-your-writes, caching "
+        "and a refused double booking. Everything is removed on exit. Needs the testing extra: "
+        "pip install 'hcrepo[testing]'.",
     ).set_defaults(command=lambda _args: run())
