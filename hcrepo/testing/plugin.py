@@ -38,9 +38,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-import psycopg
 import pytest
-from psycopg import sql
 from pytest_postgresql.janitor import DatabaseJanitor
 
 from hcrepo.admin import migrate
@@ -62,19 +60,11 @@ class ScratchDatabase:
         )
 
     def bootstrap(self, *, owner_password: str) -> str:
-        """hcrepo's owner role (`migrate.bootstrap`) made owner of this database; its URL."""
+        """hcrepo's owner role (`migrate.bootstrap`, which also hands it this database, made
+        by the janitor as the superuser); its URL."""
         owner_url = migrate.bootstrap(
             self.server.superuser_url, database=self.dbname, owner_password=owner_password
         )
-        # bootstrap leaves an existing database's owner alone, and the janitor created this
-        # one as the superuser: the migrations need the owner role to own it (they create
-        # extensions and revoke database privileges).
-        with psycopg.connect(self.server.superuser_url, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
-                    sql.Identifier(self.dbname), sql.Identifier(migrate.OWNER_ROLE)
-                )
-            )
         return owner_url
 
 
