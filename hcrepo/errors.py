@@ -10,7 +10,8 @@ import itertools
 import os
 from types import TracebackType
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# hcrepo's own source files: frames from here are hcrepo's (and hold its callers' arguments).
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class HcrepoError(Exception):
@@ -176,7 +177,7 @@ def detached(error: BaseException) -> BaseException:
 def _outside_frames(tb: TracebackType | None) -> TracebackType | None:
     kept: list[TracebackType] = []
     while tb is not None:
-        if not tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        if not tb.tb_frame.f_code.co_filename.startswith(PACKAGE_DIR):
             kept.append(tb)
         tb = tb.tb_next
     for outer, inner in itertools.pairwise(kept):

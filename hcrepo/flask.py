@@ -41,8 +41,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from hcrepo.config import Settings
 from hcrepo.database import Database
-from hcrepo.errors import _PACKAGE_DIR as _HCREPO_DIR
 from hcrepo.errors import (
+    PACKAGE_DIR,
     ActorRequired,
     CheckViolation,
     CommitOutcomeUnknown,
@@ -236,7 +236,7 @@ def raised_by_hcrepo(error: BaseException) -> bool:
         return False
     while tb.tb_next is not None:
         tb = tb.tb_next
-    return tb.tb_frame.f_code.co_filename.startswith(_HCREPO_DIR)
+    return tb.tb_frame.f_code.co_filename.startswith(PACKAGE_DIR)
 
 
 _instances: weakref.WeakSet[HcRepo] = weakref.WeakSet()

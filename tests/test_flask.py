@@ -15,7 +15,6 @@ import select
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,7 +24,6 @@ from uuid import UUID
 
 import jwt
 import pytest
-import waitress.server
 from flask import Flask, g
 
 from examples.flask_app import create_app
@@ -44,6 +42,7 @@ from tests.plugins.database import Database as ServerDatabase
 from tests.plugins.servers import WaitReplayed
 from tests.support.repos import Clinic, Session, new_clinic
 from tests.support.routing import Cluster, until
+from tests.support.wsgi import served
 
 WAIT = 10.0
 SECRET = "test-secret-for-hs256-signing-only-32b"
@@ -51,27 +50,6 @@ MONDAY = datetime(2031, 3, 3, 9, tzinfo=UTC)
 
 
 # --- serving and calling --------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def served(app: Flask, threads: int) -> Iterator[int]:
-    """`app` on waitress with `threads` worker threads, in a thread; yields the port."""
-    server = waitress.server.create_server(app, host="127.0.0.1", port=0, threads=threads)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            server.asyncore.loop(timeout=0.05, map=server._map, count=1)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield server.effective_port
-    finally:
-        stop.set()
-        thread.join(WAIT)
-        server.close()
-        server.task_dispatcher.shutdown()
 
 
 @dataclass(frozen=True)

@@ -148,3 +148,14 @@ def test_too_many_waiting_callers_raise_pool_timeout(cluster: Cluster) -> None:
             primary.acquire()
     waiter.join(30)
     assert served.is_set()
+
+
+def test_exhaustion_names_the_application_line_behind_a_unit_of_work(cluster: Cluster) -> None:
+    db = cluster.database(read_replica_urls=[], pool_min=0, pool_max=1, pool_acquire_timeout=0.2)
+    with db.context(actor_id=uuid.uuid4()), db.unit_of_work():
+        taken_at = sys._getframe().f_lineno - 1
+        with pytest.raises(PoolTimeout) as raised:
+            Routing(db).where_am_i()
+    message = str(raised.value)
+    # The first frame outside hcrepo, not hcrepo's own unit_of_work.py or database.py.
+    assert f"the longest taken at {__file__}:{taken_at} in test_exhaustion_names" in message

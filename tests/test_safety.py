@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +14,6 @@ from uuid import UUID
 
 import psycopg
 import pytest
-import waitress.server
 
 from hcrepo import (
     DatabaseError,
@@ -29,6 +27,7 @@ from hcrepo import (
 )
 from tests.plugins.database import Database as ServerDatabase
 from tests.support.repos import Clinic, Clinical, MakeDatabase, PatientRow, new_clinic
+from tests.support.wsgi import served
 
 WAIT = 10.0
 
@@ -154,28 +153,13 @@ def test_a_wsgi_thread_hands_no_context_to_its_next_request(
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [body]
 
-    # One worker thread: the second request is served by the thread that served the first.
-    server = waitress.server.create_server(app, host="127.0.0.1", port=0, threads=1)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            server.asyncore.loop(timeout=0.05, map=server._map, count=1)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        replies = []
+    replies = []
+    with served(app, threads=1) as port:  # the second request on the first one's thread
         for path in ("/leak", "/read"):
-            conn = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=WAIT)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
             conn.request("GET", path)
             replies.append(conn.getresponse().read())
             conn.close()
-    finally:
-        stop.set()
-        thread.join(WAIT)
-        server.close()
-        server.task_dispatcher.shutdown()
     assert replies == [str(len(a.patient_ids)).encode(), b"refused"]
 
 

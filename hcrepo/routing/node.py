@@ -44,7 +44,7 @@ from loguru import logger
 from psycopg.conninfo import conninfo_to_dict
 
 from hcrepo.config import Settings, connect_failure, server_options
-from hcrepo.errors import ConfigError, ConnectionLost, PoolTimeout
+from hcrepo.errors import PACKAGE_DIR, ConfigError, ConnectionLost, PoolTimeout
 from hcrepo.ops import driver_logs
 from hcrepo.ops.breaker import CLOSED, BreakerState, CircuitBreaker
 from hcrepo.ops.counters import Counter
@@ -60,7 +60,6 @@ _ROLE_SQL = (
 )
 # Frames kept per checkout for the leak warning: enough to reach application code.
 _STACK_LIMIT = 16
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class _Hold:
@@ -108,7 +107,7 @@ class _Hold:
         """The first frame outside hcrepo: the application line behind the checkout."""
         lines = self._lines()
         outside = [(f, line) for f, line in lines
-                   if not f.f_code.co_filename.startswith(_PACKAGE_DIR)]
+                   if not f.f_code.co_filename.startswith(PACKAGE_DIR)]
         chosen = outside or lines
         if not chosen:
             return "unknown"
