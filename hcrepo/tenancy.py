@@ -12,6 +12,10 @@ its next task, and a WSGI thread for its next request. With the stack as the car
   `ExitStack.enter_context` does: context-manager plumbing in `contextlib` is looked through;
 - another thread gets a context only through `bind_context`, which captures the block's scope.
 
+A block entered by hand and never left (`__enter__` without `__exit__`) stops applying when
+its frame returns, but its registration, and so that frame, stays until the process ends:
+leave blocks with `with`. A generator dropped inside its block leaves when it is collected.
+
 A block's scope also carries what travels with the request: its read-your-writes positions
 (shared by the blocks nested in it and the workers bound to it, dropped when the outermost
 block ends), the positions it was told to wait for, and the unit of work open in it.
