@@ -3,13 +3,13 @@ interleaved timer.
 
 A shared virtual machine's CPU speed can swing about 2x within seconds, so variants are
 never run one after the other: each round runs a short slice of every variant in turn, and
-the reported figure is the median of the per-call times of all slices. A slice also runs slower after a heavy neighbour
-(SQLAlchemy's slices evict the caches the next one needs), so the order of each round comes
-from a Williams design: every variant follows every other one equally often. A plain rotation
-had each variant always follow the same one, and moved ratios by up to 10%. When the process may,
-the client is pinned to one core and the PostgreSQL server to the other, so the backend a
-variant happens to get does not decide the result.
-"""
+the reported figure is the median of the per-call times of all slices. A slice also runs
+slower after a heavy neighbour (SQLAlchemy's slices evict the caches the next one needs), so
+the order of each round comes from a Williams design: every variant follows every other one
+equally often. A plain rotation had each variant always follow the same one, and moved
+ratios by up to 10%. When the process may, the client is pinned to one core and the
+PostgreSQL server to the other, so the backend a variant happens to get does not decide the
+result. """
 
 from __future__ import annotations
 
