@@ -9,7 +9,8 @@ the order of each round comes from a Williams design: every variant follows ever
 equally often. A plain rotation had each variant always follow the same one, and moved
 ratios by up to 10%. When the process may, the client is pinned to one core and the
 PostgreSQL server to the other, so the backend a variant happens to get does not decide the
-result. """
+result.
+"""
 
 from __future__ import annotations
 
