@@ -172,9 +172,9 @@ class Database:
         if plan.shape.streams:
             return self._stream(plan, args, sql, context, self._replay_needed(scope))
         if plan.cache is not None and self._cache is not None:
-            need = scope.required(self._router.cluster)
+            need = self._replay_needed(scope)
             return self._cache.fetch(
-                plan, args, sql, context, need,
+                plan, args, sql, context, scope.required(self._router.cluster),
                 lambda: self._read_positioned(plan, args, sql, context, need),
             )
         return self._read(plan, args, sql, context, self._replay_needed(scope))
@@ -200,12 +200,13 @@ class Database:
     def _read_positioned(
         self, plan: Plan, args: tuple[Any, ...], sql: str, context: Context, need: int
     ) -> tuple[Any, int]:
-        """`_read` for the cache: (value, position), the value reflecting every commit that a
-        caller whose read-your-writes position is at most `position` must see.
+        """`_read` for the cache (`need` as there): (value, position), the value reflecting
+        every commit that a caller whose read-your-writes position is at most `position` must
+        see.
 
         A replica has everything up to its replay position. A primary fill whose insert
         position, read before its query, is past the one a writer read after its COMMIT began
-        after that COMMIT returned, hence the strict `- 1`. (The caller's own `need` is no
+        after that COMMIT returned, hence the strict `- 1`. (The caller's own position is no
         bound: on an idle primary another commit can sit at that very position, not yet
         visible when the fill took its snapshot. So a writer's own fills serve it only once
         the WAL has moved on.)
@@ -223,8 +224,7 @@ class Database:
             seen = consistency.parse_lsn(lsn.decode())
             return value, seen if in_recovery == b"\x01" else seen - 1
 
-        return self._router.read(attempt, consistency.replay_needed(need)
-                                 if self._router.replicas else 0)
+        return self._router.read(attempt, need)
 
     def _write(
         self,

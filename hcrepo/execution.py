@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import select
 from collections.abc import Iterator
@@ -110,15 +111,20 @@ def commit_outcome_unknown(sqlstate: str | None, query: str) -> CommitOutcomeUnk
     )
 
 
-def end_failed_transaction(conn: HcConnection) -> None:
-    """Roll back an explicit transaction a failed batch left aborted, before the connection
-    goes back to the pool; a connection that cannot be rolled back is closed instead."""
-    if conn.closed or conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.INERROR:
-        return
+def rollback_or_close(conn: HcConnection) -> None:
+    """ROLLBACK; a connection that cannot be rolled back is closed instead, so the pool
+    discards it (the server rolls back on disconnect)."""
     try:
         pipeline.run(conn, [Statement("ROLLBACK")])
     except (PipelineError, psycopg.Error):
         conn.close()
+
+
+def end_failed_transaction(conn: HcConnection) -> None:
+    """Roll back an explicit transaction a failed batch left aborted, before the connection
+    goes back to the pool."""
+    if not conn.closed and conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+        rollback_or_close(conn)
 
 
 def run_or_translate(
@@ -190,13 +196,9 @@ def _abandon_cursor(conn: HcConnection, cursor: str, owns_tx: bool) -> None:
     if conn.closed:
         return
     if owns_tx:
-        cleanup = [Statement("ROLLBACK")]
-    elif conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.INERROR:
-        return  # the unit of work's own rollback ends the cursor with the transaction
-    else:
-        cleanup = [Statement(f"CLOSE {cursor}", prepare=False)]
-    try:
-        pipeline.run(conn, cleanup)
-    except (PipelineError, psycopg.Error):
-        if owns_tx:
-            conn.close()
+        rollback_or_close(conn)
+    elif conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.INERROR:
+        # Inside a unit of work: a CLOSE that fails leaves the transaction aborted, which
+        # the unit's COMMIT reports; when it is aborted already, its rollback ends the cursor.
+        with contextlib.suppress(PipelineError, psycopg.Error):
+            pipeline.run(conn, [Statement(f"CLOSE {cursor}", prepare=False)])

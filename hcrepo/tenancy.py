@@ -138,13 +138,6 @@ def scope() -> Scope:
     return _lookup(sys._getframe(1))
 
 
-def current() -> Context:
-    """The caller's ambient context (EMPTY outside every block)."""
-    if not _scopes:
-        return EMPTY
-    return _lookup(sys._getframe(1)).context
-
-
 def _lookup(frame: FrameType | None) -> Scope:
     while frame is not None:
         held = _scopes.get(frame)

@@ -34,6 +34,7 @@ from hcrepo.execution import (
     context_statement,
     ensure_open,
     fetch_lsn,
+    rollback_or_close,
     run_or_translate,
     session_ended,
     stream_rows,
@@ -90,7 +91,6 @@ class UnitOfWork:
         self.observer = observer or Observer(slow_query_ms=0)
         self.read_only = read_only
         self.isolation = isolation_level(isolation)
-        self.wrote = False
         self.committed = False
         self.commit_lsn: str | None = None
         self.positions: tenancy.Positions = tenancy.ROOT.writes
@@ -203,11 +203,9 @@ class UnitOfWork:
     def run(self, plan: Plan, args: tuple[Any, ...], sql: str) -> Any:
         plan.check_context(self.context)
         conn = self._connection
-        if plan.is_write:
-            self.wrote = True
-            # Formatted before the statement is sent: a tag that cannot be made fails now,
-            # not after COMMIT, when the cache could no longer be invalidated.
-            self._tags.extend(plan.invalidation_tags(args))
+        # Formatted before the statement is sent: a tag that cannot be made fails now, not
+        # after COMMIT, when the cache could no longer be invalidated (reads have none).
+        self._tags.extend(plan.invalidation_tags(args))
         if plan.shape.streams:
             if not self._begun:
                 # BEGIN must reach the server now: a statement run before the stream is
@@ -331,12 +329,8 @@ class UnitOfWork:
 
     def _rollback(self) -> None:
         conn = self._conn
-        if not self._begun or conn is None or conn.closed:
-            return
-        try:
-            pipeline.run(conn, [Statement("ROLLBACK")])
-        except (PipelineError, psycopg.OperationalError):
-            conn.close()  # the pool discards it; the server rolls back on disconnect
+        if self._begun and conn is not None and not conn.closed:
+            rollback_or_close(conn)
 
     def _run_hooks(self) -> None:
         """The runner's seam first (read-your-writes, cache), then every hook, whatever fails."""
