@@ -8,10 +8,12 @@ frozen: a row read once may be shared (cached) by many callers.
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import Literal
+from typing import Annotated, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict
+
+from hcrepo.compliance.patients import PatientId
 
 StaffRole = Literal["doctor", "nurse", "admin", "receptionist"]
 Sex = Literal["female", "male", "other", "unknown"]
@@ -51,7 +53,7 @@ class StaffMember(Row):
 
 
 class Patient(Row):
-    id: UUID
+    id: Annotated[UUID, PatientId()]
     clinic_id: UUID
     mrn: str
     first_name: str
@@ -69,7 +71,7 @@ class Patient(Row):
 class PatientSummary(Row):
     """What a search result list shows: no contact details, no SSN."""
 
-    id: UUID
+    id: Annotated[UUID, PatientId()]
     mrn: str
     first_name: str
     last_name: str
