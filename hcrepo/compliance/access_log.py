@@ -217,6 +217,8 @@ class AccessLog:
         if self._queue or self._pending:  # recorded while the writer was stopping
             self._flush(final=True)
         self._disconnect()
+        if self._spill is not None:
+            self._spill.close()
 
     # -- the writer ------------------------------------------------------------------------
 

@@ -128,6 +128,13 @@ class Spill:
             return None
         return SpillFile(path, fd)
 
+    def close(self) -> None:
+        """Stop appending to this process's file and release it: the next writer of this
+        database (this process's or another's) replays it."""
+        own, self._own = self._own, None
+        if own is not None:
+            own.release()
+
     def forget(self) -> None:
         """In a forked child: the parent keeps appending to its file; the child makes its own."""
         own, self._own = self._own, None
