@@ -44,7 +44,10 @@ from hcrepo.tenancy import Context
 
 _COLUMNS = ("recorded_at", "actor_id", "clinic_id", "staff_role", "query", "patient_ids",
             "source", "emergency_reason")
-_COPY = f"COPY audit.access_log ({', '.join(_COLUMNS)}) FROM STDIN"
+# Binary COPY: rows are dumped by psycopg's C dumpers and parsed without text conversion on
+# the server, measured at less than half the cost of text format per row.
+_COPY = f"COPY audit.access_log ({', '.join(_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+_TYPES = ("timestamptz", "uuid", "uuid", "text", "text", "uuid[]", "text", "text")
 # A stream is recorded in rows of at most this many patient ids as it is consumed, so a long
 # stream neither waits for its end to be logged nor makes one huge row.
 STREAM_IDS_PER_ROW = 1000
@@ -89,6 +92,8 @@ def row_of(entry: Entry) -> AccessRow:
 
 
 def _patient_ids(ids: list[Any], query: str) -> list[UUID]:
+    if len(ids) == 1 and isinstance(ids[0], UUID):
+        return ids  # the common case (one row, or one argument): nothing to sort out
     found = []
     for value in unique(ids):
         if isinstance(value, UUID):
@@ -286,6 +291,7 @@ class AccessLog:
 
     def _copy(self, conn: psycopg.Connection[Any], rows: Sequence[AccessRow]) -> None:
         with conn.cursor() as cursor, cursor.copy(_COPY) as copy:
+            copy.set_types(list(_TYPES))
             for row in rows:
                 copy.write_row(row)
         conn.commit()
