@@ -374,3 +374,38 @@ def test_a_database_that_is_never_opened_logs_too(
         PatientRepository(db).search()
     db.close()
     assert len(_rows(migrated_db, clinic3)) == 1
+
+
+def test_records_racing_close_are_all_written_and_close_never_hangs(
+    migrated_db: ServerDatabase, clinic3: Clinic
+) -> None:
+    from hcrepo import Settings
+    from hcrepo.compliance.access_log import AccessLog
+    from hcrepo.tenancy import Context
+
+    log = AccessLog(Settings(database_url=migrated_db.app_url, access_log_flush_interval=0.01,
+                             access_log_batch_rows=7))
+    patients = PatientRepository.__plans__["get"].patients
+    assert patients is not None
+    context = Context(clinic3.id, clinic3.actor_id)
+    threads, records = 4, 300
+    start = threading.Barrier(threads + 1)
+
+    def record() -> None:
+        start.wait(30)
+        for n in range(records):
+            log.seen(patients, context, (clinic3.patient_ids[0],), None, f"replica:r{n % 2}")
+
+    workers = [threading.Thread(target=record) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    start.wait(30)
+    for _ in range(5):  # closes while records land: each may start a new writer
+        log.close()
+    for worker in workers:
+        worker.join(60)
+    log.close()
+    assert not any(worker.is_alive() for worker in workers)
+    rows = _rows(migrated_db, clinic3)
+    assert len(rows) == threads * records
+    assert {row.source for row in rows} == {"replica:r0", "replica:r1"}

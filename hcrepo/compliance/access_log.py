@@ -37,7 +37,7 @@ from loguru import logger
 
 from hcrepo.compliance.patients import PatientIds, unique
 from hcrepo.compliance.spill import Spill
-from hcrepo.config import Settings, server_options
+from hcrepo.config import Settings
 from hcrepo.ops import metrics
 from hcrepo.routing.node import address, libpq_seconds
 from hcrepo.tenancy import Context
@@ -53,7 +53,7 @@ _TYPES = ("timestamptz", "uuid", "uuid", "text", "text", "uuid[]", "text", "text
 STREAM_IDS_PER_ROW = 1000
 # A write that takes longer is abandoned (and retried): the writer must not hang on a
 # primary that stopped answering mid-COPY.
-_WRITE_TIMEOUT_MS = 30_000
+_TIMEOUT = "SET LOCAL statement_timeout = '30s'"
 
 Entry = tuple[float, Context, str, list[Any], str]
 """What a call appends: (time.time(), context, query, patient ids as read, source)."""
@@ -136,8 +136,9 @@ class AccessLog:
         self._queue: deque[Entry] = deque()
         self._pending: list[AccessRow] = []  # rows the primary has not taken yet
         self._start_lock = threading.Lock()
+        self._flush_lock = threading.Lock()  # a stopping writer and its successor, or close
         self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # the running writer's; each writer gets its own
         self._writer: threading.Thread | None = None
         self._conn: psycopg.Connection[Any] | None = None
         self._outage = False
@@ -202,9 +203,9 @@ class AccessLog:
         if self._writer is None:
             with self._start_lock:
                 if self._writer is None:
-                    self._stop.clear()
-                    writer = threading.Thread(target=self._run, name="hcrepo-access-log",
-                                              daemon=True)
+                    self._stop = threading.Event()
+                    writer = threading.Thread(target=self._run, args=(self._stop,),
+                                              name="hcrepo-access-log", daemon=True)
                     writer.start()
                     self._writer = writer
                     return
@@ -214,25 +215,27 @@ class AccessLog:
         """Write everything recorded so far (spilling what the primary does not take), then
         stop the writer. A record made after this starts a new writer."""
         with self._start_lock:
-            writer, self._writer = self._writer, None
+            writer, self._writer, stop = self._writer, None, self._stop
         if writer is not None:
-            self._stop.set()
+            stop.set()
             self._wake.set()
             writer.join()
-        if self._queue or self._pending:  # recorded while the writer was stopping
-            self._flush(final=True)
-        self._disconnect()
-        if self._spill is not None:
-            self._spill.close()
+        with self._flush_lock:
+            if self._queue or self._pending:  # recorded while the writer was stopping
+                self._flush(final=True)
+            self._disconnect()
+            if self._spill is not None:
+                self._spill.close()
 
     # -- the writer ------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, stop: threading.Event) -> None:
         while True:
             self._wake.wait(self._interval)
             self._wake.clear()
-            stopping = self._stop.is_set()
-            self._flush(final=stopping)
+            stopping = stop.is_set()
+            with self._flush_lock:
+                self._flush(final=stopping)
             if stopping:
                 return
 
@@ -290,19 +293,20 @@ class AccessLog:
                                "could not be read", torn)
 
     def _copy(self, conn: psycopg.Connection[Any], rows: Sequence[AccessRow]) -> None:
-        with conn.cursor() as cursor, cursor.copy(_COPY) as copy:
-            copy.set_types(list(_TYPES))
-            for row in rows:
-                copy.write_row(row)
+        with conn.cursor() as cursor:
+            # Transaction-local, so that it holds behind PgBouncer too (invariant 2).
+            cursor.execute(_TIMEOUT)
+            with cursor.copy(_COPY) as copy:
+                copy.set_types(list(_TYPES))
+                for row in rows:
+                    copy.write_row(row)
         conn.commit()
 
     def _connection(self) -> psycopg.Connection[Any]:
         conn = self._conn
         if conn is None or conn.closed:
-            conn = self._conn = psycopg.connect(
-                self._url, connect_timeout=self._connect_timeout,
-                options=server_options(self._url, statement_timeout=_WRITE_TIMEOUT_MS),
-            )
+            conn = self._conn = psycopg.connect(self._url,
+                                                connect_timeout=self._connect_timeout)
         return conn
 
     def _failed(self, exc: psycopg.Error) -> None:
@@ -354,6 +358,8 @@ class AccessLog:
         self._queue.clear()
         self._pending = []
         self._start_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._wake = threading.Event()
         self._writer = None
         if self._conn is not None:
             _inherited.append(self._conn)
