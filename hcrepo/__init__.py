@@ -3,6 +3,7 @@
 This module is the whole public API; everything else is internal.
 """
 
+from hcrepo.compliance.patients import PatientId
 from hcrepo.config import RoutingPolicy, Settings
 from hcrepo.database import Database
 from hcrepo.errors import (
@@ -53,6 +54,7 @@ __all__ = [
     "InvalidToken",
     "NotFound",
     "PageSizeExceeded",
+    "PatientId",
     "PoolTimeout",
     "QueryError",
     "Repository",

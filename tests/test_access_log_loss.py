@@ -220,3 +220,25 @@ def test_kill_9_loses_at_most_one_flush_interval(
             print(f"\nkill -9 at {reads} reads ({rate:.0f}/s): {lost} rows lost, "
                   f"window {window:.3f} s (ACCESS_LOG_FLUSH_INTERVAL={interval} s)")
     assert os.path.exists(tmp_path)
+
+
+def test_a_process_that_exits_without_close_writes_its_rows(
+    migrated_db: ServerDatabase, tmp_path: Path
+) -> None:
+    clinic = new_clinic(migrated_db.superuser_url, patients=1)
+    settings = {"database_url": migrated_db.app_url, "redis_url": "", "pool_min": 1,
+                "access_log_flush_interval": 3600, "health_interval": 60.0}
+    worker = Worker(settings, clinic.id, clinic.actor_id, clinic.patient_ids[0],
+                    tmp_path / "counter")
+    try:
+        worker.send("reads 100")
+        worker.expect("done")
+        assert logged(migrated_db.superuser_url, clinic.id) == []  # all still in memory
+        stdin = worker.process.stdin
+        assert stdin is not None
+        stdin.close()  # the worker's loop ends; it returns from main without db.close()
+        assert worker.process.wait(60) == 0
+    finally:
+        if worker.process.poll() is None:
+            worker.kill()
+    assert len(logged(migrated_db.superuser_url, clinic.id)) == 100

@@ -21,6 +21,7 @@ server's message about a refused row would quote the row, patient ids included.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import threading
@@ -377,4 +378,11 @@ def _after_fork_in_child() -> None:
         log._forget_process_state()
 
 
+def _close_at_exit() -> None:
+    # A process that ends without db.close() still writes (or spills) what it recorded.
+    for log in list(_logs):
+        log.close()
+
+
 os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_close_at_exit)
