@@ -3,6 +3,10 @@
 This module is the whole public API; everything else is internal.
 """
 
+from hcrepo.compliance.fields import PHI
+from hcrepo.compliance.logs import MaskingFilter, mask_record
+from hcrepo.compliance.masking import mask
+from hcrepo.compliance.phi_model import PhiModel
 from hcrepo.config import RoutingPolicy, Settings
 from hcrepo.database import Database
 from hcrepo.errors import (
@@ -36,6 +40,7 @@ from hcrepo.tenancy import Context, bind_context
 from hcrepo.unit_of_work import UnitOfWork
 
 __all__ = [
+    "PHI",
     "ActorRequired",
     "CheckViolation",
     "CommitOutcomeUnknown",
@@ -51,8 +56,10 @@ __all__ = [
     "InvalidOrderBy",
     "InvalidRow",
     "InvalidToken",
+    "MaskingFilter",
     "NotFound",
     "PageSizeExceeded",
+    "PhiModel",
     "PoolTimeout",
     "QueryError",
     "Repository",
@@ -68,5 +75,7 @@ __all__ = [
     "WriteOutsideUnitOfWork",
     "bind_context",
     "cached",
+    "mask",
+    "mask_record",
     "query",
 ]

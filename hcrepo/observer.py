@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from loguru import logger
 from prometheus_client.metrics import Histogram
 
+from hcrepo.compliance.logs import logger
 from hcrepo.ops import metrics
 
 if TYPE_CHECKING:

@@ -46,7 +46,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from loguru import logger
 
 from hcrepo.cache.codec import (
     Unreadable,
@@ -56,6 +55,7 @@ from hcrepo.cache.invalidation import Groups, Invalidations
 from hcrepo.cache.keys import KeyMaker, Uncacheable
 from hcrepo.cache.spec import Spec, Specs
 from hcrepo.cache.store import REDIS_ERRORS, TOKEN_SIZE, RedisStore, new_token
+from hcrepo.compliance.logs import logger
 from hcrepo.config import Settings, cache_key_bytes
 from hcrepo.ops import metrics
 from hcrepo.ops.breaker import CircuitBreaker

@@ -12,9 +12,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from loguru import logger
-
 from hcrepo.cache.store import REDIS_ERRORS
+from hcrepo.compliance.logs import logger
 from hcrepo.ops import metrics
 
 # Generation keys to retire, by namespace (its tags prefix); None: every one of them.

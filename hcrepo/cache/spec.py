@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, NamedTuple
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from loguru import logger
 from prometheus_client import Counter
 
 from hcrepo.cache.codec import CODEC_VERSION, ValueCodec, value_type
 from hcrepo.cache.keys import plan_id
+from hcrepo.compliance.logs import logger
 from hcrepo.config import Settings
 from hcrepo.errors import ConfigError
 from hcrepo.ops import metrics

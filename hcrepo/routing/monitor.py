@@ -9,8 +9,8 @@ import time
 from collections.abc import Callable, Sequence
 
 import psycopg
-from loguru import logger
 
+from hcrepo.compliance.logs import logger
 from hcrepo.config import Settings
 from hcrepo.ops.counters import Counter
 from hcrepo.routing.health import Probe, ProbeBusy, WalHistory, describe_error

@@ -40,9 +40,9 @@ from typing import Any
 
 import psycopg
 import psycopg_pool
-from loguru import logger
 from psycopg.conninfo import conninfo_to_dict
 
+from hcrepo.compliance.logs import logger
 from hcrepo.config import Settings, connect_failure, server_options
 from hcrepo.errors import PACKAGE_DIR, ConfigError, ConnectionLost, PoolTimeout
 from hcrepo.ops import driver_logs
@@ -172,7 +172,7 @@ class Node:
         self._holders: dict[int, _Hold] = {}
         self._down_since: float | None = None
         _nodes.add(self)
-        driver_logs.route()
+        driver_logs.route(logger)
 
     @staticmethod
     def _new_breaker(settings: Settings) -> CircuitBreaker:

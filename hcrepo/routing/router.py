@@ -22,10 +22,10 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from loguru import logger
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from hcrepo.compliance.logs import logger
 from hcrepo.config import RoutingPolicy, Settings
 from hcrepo.errors import ConfigError, ConnectionLost, DatabaseError, HcrepoError, PoolTimeout
 from hcrepo.ops import metrics
