@@ -36,7 +36,7 @@ _SSN = re.compile(
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 _PHONE = re.compile(
     _DIGIT_BOUNDARY_BEFORE
-    + r"(?:\+\d{1,3}(?:[\s.-]?\(?\d{1,5}\)?){2,5}"  # international: +44 20 7946 0958
+    + r"(?:\+\d{1,3}(?:[\s.-]?(?:\(\d{1,5}\)|\d{1,5})){2,5}"  # international: +44 20 7946 0958
     + r"|\(\d{3}\)\s?\d{3}[\s.-]\d{4}"  # (555) 010-0199
     + r"|\d{3}([\s.-])\d{3}\1\d{4})"  # 555-010-0199, 555.010.0199
     + _DIGIT_BOUNDARY_AFTER
