@@ -115,7 +115,7 @@ class Plain(BaseModel):
 
 def test_mask_masks_dicts_and_lists_nested_at_any_depth() -> None:
     value = marker()
-    data = {"visit": [{"patient": {"contact": [{"EMAIL": value, "kind": "home"}]}}],
+    data: dict[str, Any] = {"visit": [{"patient": {"contact": [{"EMAIL": value, "kind": "home"}]}}],
             "count": 2, "when": datetime(2030, 1, 1, tzinfo=UTC), "absent": None,
             "Phone": None, "tags": ("a", "x.y@example.org"), "set": frozenset({"b"})}
     masked = mask(data)
@@ -152,7 +152,8 @@ def test_a_field_marked_phi_names_phi_in_dicts_and_text_too() -> None:
 def test_a_phi_model_defined_later_adds_its_field_names() -> None:
     value, field = marker(), f"late_{uuid.uuid4().hex[:8]}"
     assert mask({field: value}) == {field: value}
-    model = type("Late", (PhiModel,), {"__annotations__": {field: Annotated[str, PHI()]}})
+    model: type[PhiModel] = type(
+        "Late", (PhiModel,), {"__annotations__": {field: Annotated[str, PHI()]}})
     assert model.model_fields[field]
     assert mask({field: value}) == {field: "***"}
 
