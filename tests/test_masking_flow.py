@@ -37,6 +37,7 @@ from hcrepo import (
     PHI,
     Database,
     ExclusionViolation,
+    HcrepoError,
     InvalidRow,
     PhiModel,
     Repository,
@@ -54,6 +55,7 @@ from hcrepo.healthcare import (
 from hcrepo.ops import metrics
 from hcrepo.shipped import shipped_dir
 from tests.support.cache import CachedDatabase
+from tests.support.errors import exception_chain
 from tests.support.repos import Clinic
 
 START = datetime(2031, 2, 3, 10, tzinfo=UTC)
@@ -285,6 +287,10 @@ def test_no_seeded_value_reaches_a_log_record_or_a_metric(
     errors = hcrepo_flow(db, clinic, seeds)
     hcrepo_only = captured.everything()
     assert [value for value in seeds.values() if value in hcrepo_only] == []
+    for error in errors:  # hcrepo's errors carry no value; the application's crash does
+        shown = "".join(f"{e}{e!r}{e.args!r}" for e in exception_chain(error)
+                        if isinstance(e, HcrepoError))
+        assert [value for value in seeds.values() if value in shown] == []
     with captured.application_masking():
         application_logs(db, clinic, seeds, errors)
 
