@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import traceback
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import pytest
@@ -20,6 +22,7 @@ import hcrepo
 from hcrepo import PHI, MaskingFilter, PhiModel, mask, mask_record
 from hcrepo.compliance.logs import logger as hcrepo_logger
 from hcrepo.compliance.text import mask_text
+from hcrepo.ops import driver_logs
 
 SSN_SPELLINGS = ["123-45-6789", "123 45 6789", "123456789"]
 EMAILS = ["ada.lovelace+clinic@example.org", "A_B@mail.example.co.uk"]
@@ -328,3 +331,19 @@ def test_the_filter_masks_an_already_rendered_traceback() -> None:
     assert MaskingFilter().filter(record)
     assert "x.y@example.org" not in record.exc_text
     assert "123-45-6789" not in record.stack_info
+
+
+def test_psycopg_records_reach_loguru_masked(loguru_sink: io.StringIO) -> None:
+    driver_logs.route(hcrepo_logger)  # as the first node does
+    logging.getLogger("psycopg.pool").warning("connection for %s failed", "x.y@example.org")
+    assert loguru_sink.getvalue() == "psycopg.pool: connection for *** failed | {} | \n"
+
+
+def test_every_hcrepo_module_logs_through_the_masking_logger() -> None:
+    """A module importing loguru's logger itself would log unmasked."""
+    package = Path(hcrepo.__file__).parent
+    allowed = {package / "compliance" / "logs.py", package / "ops" / "driver_logs.py"}
+    direct = [path for path in package.rglob("*.py")
+              if re.search(r"^from loguru import logger\b", path.read_text(), re.M)
+              and path not in allowed]
+    assert direct == []
