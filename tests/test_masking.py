@@ -347,3 +347,10 @@ def test_every_hcrepo_module_logs_through_the_masking_logger() -> None:
               if re.search(r"^from loguru import logger\b", path.read_text(), re.M)
               and path not in allowed]
     assert direct == []
+
+
+@pytest.mark.parametrize("value", ["+33 1 23 45 67 89", "+1 (555) 010 019"])
+def test_an_international_phone_number_without_four_digits_in_a_row_is_masked(
+    value: str,
+) -> None:
+    assert mask_text(f"call {value} now") == "call *** now"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import threading
+from functools import lru_cache
 
 from pydantic import BaseModel
 
@@ -34,6 +35,7 @@ _lock = threading.Lock()
 _known: frozenset[str] | None = None
 
 
+@lru_cache(maxsize=4096)  # the same few keys come back in every record
 def normalise(name: str) -> str:
     return _SEPARATORS.sub("_", _CAMEL.sub("_", name.strip())).lower()
 
