@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 import hcrepo
 from hcrepo import PHI, MaskingFilter, PhiModel, mask, mask_record
+from hcrepo.compliance.keys import phi_keys
 from hcrepo.compliance.logs import logger as hcrepo_logger
 from hcrepo.compliance.text import mask_text
 from hcrepo.ops import driver_logs
@@ -159,6 +160,17 @@ def test_a_phi_model_defined_later_adds_its_field_names() -> None:
         "Late", (PhiModel,), {"__annotations__": {field: Annotated[str, PHI()]}})
     assert model.model_fields[field]
     assert mask({field: value}) == {field: "***"}
+
+
+def test_a_model_met_again_does_not_walk_the_models_again() -> None:
+    class Camel(BaseModel):
+        chartId: Annotated[str, PHI()]
+
+    assert mask(Camel(chartId="x")) == {"chartId": "***"}
+    known = phi_keys()
+    assert "chart_id" in known
+    mask(Camel(chartId="y"))
+    assert phi_keys() is known
 
 
 def test_cycles_and_shared_objects_are_masked_once() -> None:

@@ -51,7 +51,7 @@ def phi_keys() -> frozenset[str]:
 
 def learn(model: type[BaseModel]) -> None:
     """Add `model`'s PHI fields, if it brings new ones (a model defined after the walk)."""
-    if not phi_fields(model) <= phi_keys():
+    if not {normalise(name) for name in phi_fields(model)} <= phi_keys():
         forget()
 
 
