@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import threading
 import traceback
 import uuid
 from collections.abc import Iterator
@@ -17,10 +18,11 @@ from typing import Annotated, Any
 import pytest
 from loguru import logger
 from pydantic import BaseModel
+from pydantic._internal._model_construction import ModelMetaclass
 
 import hcrepo
 from hcrepo import PHI, MaskingFilter, PhiModel, mask, mask_record
-from hcrepo.compliance.keys import phi_keys
+from hcrepo.compliance.keys import forget, phi_keys
 from hcrepo.compliance.logs import logger as hcrepo_logger
 from hcrepo.compliance.text import mask_text
 from hcrepo.ops import driver_logs
@@ -366,3 +368,29 @@ def test_an_international_phone_number_without_four_digits_in_a_row_is_masked(
     value: str,
 ) -> None:
     assert mask_text(f"call {value} now") == "call *** now"
+
+
+def test_a_model_defined_while_another_thread_walks_the_models_is_not_lost() -> None:
+    """The walk that began before the model existed must not be kept as the answer."""
+    walking, defined = threading.Event(), threading.Event()
+
+    class Pausing(ModelMetaclass):
+        def __subclasses__(cls) -> list[type]:
+            if threading.current_thread().name == "walker" and not walking.is_set():
+                walking.set()
+                assert defined.wait(10)
+            return super().__subclasses__()
+
+    class Paused(PhiModel, metaclass=Pausing):  # the walk has listed PhiModel's subclasses
+        pass
+
+    forget()
+    walker = threading.Thread(target=phi_keys, name="walker")
+    walker.start()
+    assert walking.wait(10)
+    field = f"late_{uuid.uuid4().hex[:8]}"
+    type("During", (PhiModel,), {"__annotations__": {field: Annotated[str, PHI()]}})
+    defined.set()
+    walker.join(10)
+    assert not walker.is_alive() and Paused is not None
+    assert field in phi_keys()

@@ -33,6 +33,7 @@ _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _SEPARATORS = re.compile(r"[\s\-.]+")
 _lock = threading.Lock()
 _known: frozenset[str] | None = None
+_generation = 0  # bumped by forget(): a walk that began before it must not be kept
 
 
 @lru_cache(maxsize=4096)  # the same few keys come back in every record
@@ -57,19 +58,24 @@ def learn(model: type[BaseModel]) -> None:
 
 def forget() -> None:
     """Drop the names found so far: the next use walks the loaded models again."""
-    global _known
+    global _known, _generation
     with _lock:
         _known = None
+        _generation += 1
 
 
 def _refresh() -> frozenset[str]:
     global _known
+    with _lock:
+        started = _generation
     names = set(FIXED_KEYS)
     for model in _loaded_models():
         names.update(normalise(name) for name in phi_fields(model))
+    known = frozenset(names)
     with _lock:
-        _known = frozenset(names)
-        return _known
+        if _generation == started:  # else a model came in during the walk: walk again later
+            _known = known
+    return known
 
 
 def _loaded_models() -> set[type[BaseModel]]:
