@@ -215,6 +215,16 @@ def test_an_exception_is_copied_as_its_class_with_args_attributes_notes_and_chai
     assert str(original) == f"SSN {ssn} rejected"  # the original is untouched
 
 
+def test_an_exception_group_is_masked_with_every_member() -> None:
+    group = ExceptionGroup("batch for x.y@example.org", [ValueError("SSN 123-45-6789"),
+                                                         KeyError("kept")])
+    copy = mask(group)
+    printed = "".join(traceback.format_exception(copy))
+    assert type(copy) is ExceptionGroup and len(copy.exceptions) == 2
+    assert "x.y@example.org" not in printed and "123-45-6789" not in printed
+    assert "ValueError: SSN ***" in printed and "KeyError: 'kept'" in printed
+
+
 def test_an_exception_that_cannot_be_rebuilt_is_replaced_by_a_masked_stand_in() -> None:
     class Stubborn(Exception):
         def __new__(cls, *args: object, code: int) -> Stubborn:
