@@ -3,7 +3,6 @@
 This module is the whole public API; everything else is internal.
 """
 
-from hcrepo.compliance.patients import PatientId
 from hcrepo.config import RoutingPolicy, Settings
 from hcrepo.database import Database
 from hcrepo.errors import (
@@ -31,12 +30,18 @@ from hcrepo.errors import (
     UniqueViolation,
     WriteOutsideUnitOfWork,
 )
+from hcrepo.phi.fields import PHI
+from hcrepo.phi.logs import MaskingFilter, mask_record
+from hcrepo.phi.masking import mask
+from hcrepo.phi.patients import PatientId
+from hcrepo.phi.phi_model import PhiModel
 from hcrepo.repository import Repository, cached, query
 from hcrepo.routing.consistency import InvalidToken
 from hcrepo.tenancy import Context, bind_context
 from hcrepo.unit_of_work import UnitOfWork
 
 __all__ = [
+    "PHI",
     "ActorRequired",
     "CheckViolation",
     "CommitOutcomeUnknown",
@@ -52,9 +57,11 @@ __all__ = [
     "InvalidOrderBy",
     "InvalidRow",
     "InvalidToken",
+    "MaskingFilter",
     "NotFound",
     "PageSizeExceeded",
     "PatientId",
+    "PhiModel",
     "PoolTimeout",
     "QueryError",
     "Repository",
@@ -70,5 +77,7 @@ __all__ = [
     "WriteOutsideUnitOfWork",
     "bind_context",
     "cached",
+    "mask",
+    "mask_record",
     "query",
 ]

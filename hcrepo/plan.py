@@ -15,13 +15,13 @@ from typing import Any, NamedTuple
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from hcrepo import sqlfile
-from hcrepo.compliance.patients import PatientIds
 from hcrepo.errors import (
     ActorRequired,
     InvalidOrderBy,
     PageSizeExceeded,
     TenantContextMissing,
 )
+from hcrepo.phi.patients import PatientIds
 from hcrepo.results import Shape
 from hcrepo.tenancy import Context
 
@@ -42,7 +42,7 @@ class QuerySpec(NamedTuple):
     name: str
     phi: bool
     invalidates: tuple[str, ...]
-    # Where the access log finds patient ids beyond the defaults (see compliance.patients).
+    # Where the access log finds patient ids beyond the defaults (see phi.patients).
     patient_id_field: str | None = None
     patient_id_param: str | None = None
 

@@ -26,13 +26,13 @@ from uuid import UUID
 from pydantic import PydanticUserError
 
 from hcrepo import sqlfile, tenancy
-from hcrepo.compliance import patients as patient_ids
 from hcrepo.errors import (
     InvalidContext,
     SqlFileError,
     detached,
 )
 from hcrepo.observer import Observer
+from hcrepo.phi import patients as patient_ids
 from hcrepo.plan import Arguments, CacheSpec, Plan, QuerySpec, type_name
 from hcrepo.results import Many, shape_for
 from hcrepo.tenancy import Context

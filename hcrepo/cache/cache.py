@@ -46,7 +46,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from loguru import logger
 
 from hcrepo.cache.codec import (
     Unreadable,
@@ -59,6 +58,7 @@ from hcrepo.cache.store import REDIS_ERRORS, TOKEN_SIZE, RedisStore, new_token
 from hcrepo.config import Settings, cache_key_bytes
 from hcrepo.ops import metrics
 from hcrepo.ops.breaker import CircuitBreaker
+from hcrepo.phi.logs import logger
 from hcrepo.tenancy import Context
 
 if TYPE_CHECKING:

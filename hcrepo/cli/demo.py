@@ -6,7 +6,8 @@ two clinics are seeded through the healthcare repositories, each clinic sees onl
 patients, a missing clinic is refused before any round trip, row-level security refuses a
 cross-clinic write, a read right after a write sees it while the replica's replay is paused,
 a cached read is invalidated by a commit, and a double booking is refused. Everything is
-removed on exit, on error too. Output names clinics, MRNs and counts, never PHI.
+removed on exit, on error too. Output names clinics, MRNs and counts, never PHI; a patient
+is printed once, as its repr masks it.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ CLINICS: dict[str, Sequence[tuple[str, str, str, str, Sex]]] = {
     ],
     "Demo Clinic South": [
         ("S-0001", "Fake", "Person", "2001-02-03", "unknown"),
-        ("S-0002", "Dummy", "Patient", "1969-07-20", "female"),
+        ("S-0002", "Dummy", "Examplesson", "1969-07-20", "female"),
     ],
 }
 ACTOR = uuid.UUID("00000000-0000-4000-8000-00000000d3e0")  # the demo's staff member
@@ -105,7 +106,8 @@ def _walk_through(db: Database, out: TextIO, replica: PostgresServer, app_url: s
     except TenantContextMissing:
         out.write("no clinic context: refused by hcrepo before any round trip\n")
     north, south = clinics.values()
-    out.write(f"North writing a patient into South: {_cross_write(app_url, north, south)}\n\n")
+    out.write(f"North writing a patient into South: {_cross_write(app_url, north, south)}\n")
+    out.write(_printed_masked(db, north) + "\n")
 
     with db.context(clinic_id=north, actor_id=ACTOR):
         patients = PatientRepository(db)
@@ -132,6 +134,13 @@ def _walk_through(db: Database, out: TextIO, replica: PostgresServer, app_url: s
         out.write(_double_booking(db, patient.id))
     served = {name: node["served"] for name, node in db.health()["nodes"].items()}
     out.write(f"reads served per node: {served}\n")
+
+
+def _printed_masked(db: Database, clinic_id: UUID) -> str:
+    """A row as a log line or a debugger prints it, PHI masked; attributes hold the values."""
+    with db.context(clinic_id=clinic_id):
+        patient = PatientRepository(db).search(mrn="N-0002")[0]
+    return f"a patient printed: {patient!r}\nits attribute patient.mrn: {patient.mrn}\n"
 
 
 def _cache_hits(query: str) -> float:

@@ -40,7 +40,6 @@ from typing import Any
 
 import psycopg
 import psycopg_pool
-from loguru import logger
 from psycopg.conninfo import conninfo_to_dict
 
 from hcrepo.config import Settings, connect_failure, server_options
@@ -48,6 +47,7 @@ from hcrepo.errors import PACKAGE_DIR, ConfigError, ConnectionLost, PoolTimeout
 from hcrepo.ops import driver_logs
 from hcrepo.ops.breaker import CLOSED, BreakerState, CircuitBreaker
 from hcrepo.ops.counters import Counter
+from hcrepo.phi.logs import logger
 from hcrepo.pipeline import PRIMARY, HcConnection
 from hcrepo.routing.health import NodeHealth
 
@@ -174,7 +174,7 @@ class Node:
         self._holders: dict[int, _Hold] = {}
         self._down_since: float | None = None
         _nodes.add(self)
-        driver_logs.route()
+        driver_logs.route(logger)
 
     @staticmethod
     def _new_breaker(settings: Settings) -> CircuitBreaker:
