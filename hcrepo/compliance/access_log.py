@@ -34,11 +34,11 @@ from typing import Any, NamedTuple
 from uuid import UUID
 
 import psycopg
-from loguru import logger
 
 from hcrepo.compliance.spill import Spill
 from hcrepo.config import Settings
 from hcrepo.ops import metrics
+from hcrepo.phi.logs import logger
 from hcrepo.phi.patients import PatientIds, unique
 from hcrepo.routing.node import address, libpq_seconds
 from hcrepo.tenancy import Context
