@@ -1,16 +1,31 @@
 -- Patients of the current clinic (row-level security scopes every statement to it).
 
 -- name: get_patient
-SELECT id, clinic_id, mrn, first_name, last_name, date_of_birth, sex, phone, email, address,
-       ssn, created_at, updated_at
-FROM patients
-WHERE id = :id
+-- encrypt: patients.ssn
+SELECT p.id, p.clinic_id, p.mrn, p.first_name, p.last_name, p.date_of_birth, p.sex, p.phone,
+       p.email, p.address, s.ssn, p.created_at, p.updated_at
+FROM patients AS p
+LEFT JOIN patient_ssns AS s ON s.id = p.id
+WHERE p.id = :id
 
 -- name: get_patient_by_mrn
-SELECT id, clinic_id, mrn, first_name, last_name, date_of_birth, sex, phone, email, address,
-       ssn, created_at, updated_at
-FROM patients
-WHERE mrn = :mrn
+-- encrypt: patients.ssn
+SELECT p.id, p.clinic_id, p.mrn, p.first_name, p.last_name, p.date_of_birth, p.sex, p.phone,
+       p.email, p.address, s.ssn, p.created_at, p.updated_at
+FROM patients AS p
+LEFT JOIN patient_ssns AS s ON s.id = p.id
+WHERE p.mrn = :mrn
+
+-- name: get_patient_by_ssn
+-- encrypt: patients.ssn
+-- blind_index: patients.ssn using digits
+-- The SSN is never sent: only its blind index, which the UNIQUE (clinic_id, ssn_bidx)
+-- index finds. Staff who may not see SSNs find the patient, with ssn NULL.
+SELECT p.id, p.clinic_id, p.mrn, p.first_name, p.last_name, p.date_of_birth, p.sex, p.phone,
+       p.email, p.address, s.ssn, p.created_at, p.updated_at
+FROM patients AS p
+LEFT JOIN patient_ssns AS s ON s.id = p.id
+WHERE p.ssn_bidx = :ssn_bidx
 
 -- name: search_patients
 -- order_by: sort = last_name, first_name, date_of_birth, mrn, created_at
@@ -46,19 +61,33 @@ SELECT count(*)
 FROM patients
 
 -- name: stream_patients
+-- encrypt: patients.ssn
 -- Exports and batch jobs: every patient of the clinic, in id order, through a cursor.
-SELECT id, clinic_id, mrn, first_name, last_name, date_of_birth, sex, phone, email, address,
-       ssn, created_at, updated_at
-FROM patients
-ORDER BY id
+SELECT p.id, p.clinic_id, p.mrn, p.first_name, p.last_name, p.date_of_birth, p.sex, p.phone,
+       p.email, p.address, s.ssn, p.created_at, p.updated_at
+FROM patients AS p
+LEFT JOIN patient_ssns AS s ON s.id = p.id
+ORDER BY p.id
 
 -- name: create_patient
-INSERT INTO patients (clinic_id, mrn, first_name, last_name, date_of_birth, sex, phone, email,
-                      address, ssn)
-VALUES (current_setting('app.clinic_id')::uuid, :mrn, :first_name, :last_name, :date_of_birth,
-        :sex, :phone, :email, :address, :ssn)
+-- encrypt: patients.ssn
+-- blind_index: patients.ssn using digits
+-- generate: id
+-- The id is made in the application: the SSN's ciphertext is bound to it before sending.
+-- The application role cannot read the ssn column, so the row's SSN comes back as sent.
+INSERT INTO patients (id, clinic_id, mrn, first_name, last_name, date_of_birth, sex, phone,
+                      email, address, ssn, ssn_bidx)
+VALUES (:id, current_setting('app.clinic_id')::uuid, :mrn, :first_name, :last_name,
+        :date_of_birth, :sex, :phone, :email, :address, :ssn, :ssn_bidx)
 RETURNING id, clinic_id, mrn, first_name, last_name, date_of_birth, sex, phone, email, address,
-          ssn, created_at, updated_at
+          :ssn::text AS ssn, created_at, updated_at
+
+-- name: set_patient_ssn
+-- encrypt: patients.ssn
+-- blind_index: patients.ssn using digits
+UPDATE patients
+SET ssn = :ssn, ssn_bidx = :ssn_bidx
+WHERE id = :id
 
 -- name: update_patient_contact
 UPDATE patients

@@ -235,7 +235,7 @@ def test_onboarding_needs_a_clinic(db: Database, tenant: Tenant) -> None:
 def test_patient_crud(db: Database, tenant: Tenant) -> None:
     with tenant.scope(db):
         patients = PatientRepository(db)
-        created = new_patient(db, phone="+1 555 0100", ssn="123-45-6789")
+        created = new_patient(db, phone="+1 555 0100")  # SSNs: tests/test_encryption.py
         assert created.clinic_id == tenant.clinic_id
         assert patients.get(id=created.id) == created
         assert patients.by_mrn(mrn=created.mrn) == created

@@ -8,10 +8,12 @@ frozen: a row read once may be shared (cached) by many callers.
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import Literal
+from typing import Annotated, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict
+
+from hcrepo.compliance.fields import Encrypted
 
 StaffRole = Literal["doctor", "nurse", "admin", "receptionist"]
 Sex = Literal["female", "male", "other", "unknown"]
@@ -61,7 +63,9 @@ class Patient(Row):
     phone: str | None
     email: str | None
     address: str | None
-    ssn: str | None
+    # Stored as ciphertext (sql/patients.sql: `-- encrypt: patients.ssn`); None for staff
+    # who may not see it.
+    ssn: Annotated[str | None, Encrypted()]
     created_at: datetime
     updated_at: datetime
 
