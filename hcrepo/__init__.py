@@ -3,6 +3,8 @@
 This module is the whole public API; everything else is internal.
 """
 
+from hcrepo.compliance.fields import PHI, Encrypted
+from hcrepo.compliance.keys import MasterKeys
 from hcrepo.config import RoutingPolicy, Settings
 from hcrepo.database import Database
 from hcrepo.errors import (
@@ -12,6 +14,7 @@ from hcrepo.errors import (
     ConfigError,
     ConnectionLost,
     DatabaseError,
+    DecryptionFailed,
     ExclusionViolation,
     ForeignKeyViolation,
     HcrepoError,
@@ -44,6 +47,8 @@ __all__ = [
     "Context",
     "Database",
     "DatabaseError",
+    "DecryptionFailed",
+    "Encrypted",
     "ExclusionViolation",
     "ForeignKeyViolation",
     "HcrepoError",
@@ -51,7 +56,9 @@ __all__ = [
     "InvalidOrderBy",
     "InvalidRow",
     "InvalidToken",
+    "MasterKeys",
     "NotFound",
+    "PHI",
     "PageSizeExceeded",
     "PoolTimeout",
     "QueryError",

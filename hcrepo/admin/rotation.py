@@ -29,7 +29,8 @@ from hcrepo.errors import DecryptionFailed
 from hcrepo.sqlfile import Column
 
 Connect = Callable[[], Any]
-"""A context manager factory of psycopg connections as the owner (autocommit off)."""
+"""A context manager factory of autocommit psycopg connections as the owner: every
+transaction below is its own, and short."""
 Progress = Callable[[UUID, Column, int], None]
 """Called after each committed batch: clinic, column, values in the batch."""
 

@@ -1,0 +1,507 @@
+"""Field encryption against the migrated schema: patients.ssn sealed in the application,
+found through its blind index, readable only by the staff roles that may see it (enforced by
+PostgreSQL), and surviving key rotations that run while it is read.
+
+Staff roles do not travel in the context yet, so a Database acting as a given role sets
+`app.role` for its whole session through the URL's options; the tests read what the
+database lets that role see.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from datetime import date
+from typing import Any
+from uuid import UUID
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from hcrepo import ConfigError, Database, DecryptionFailed, Settings, UniqueViolation
+from hcrepo.admin import rotation
+from hcrepo.compliance.keys import SettingsMasterKeys
+from hcrepo.config import server_options
+from hcrepo.healthcare import Patient, PatientRepository
+from hcrepo.sqlfile import Column
+from tests.plugins.database import Database as ServerDatabase
+from tests.support.repos import Clinic, new_clinic
+
+SSN = "123-45-6789"
+SSN_COLUMNS = [Column("patients", "ssn")]
+
+
+def new_key() -> str:
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+MASTER = new_key()
+BLIND = new_key()
+
+
+def role_url(url: str, role: str | None) -> str:
+    if role is None:
+        return url
+    return make_conninfo(url, options=server_options(url, **{"app.role": role}))
+
+
+@pytest.fixture(scope="module")
+def databases(migrated_db: ServerDatabase) -> Iterator[dict[str | None, Database]]:
+    """hcrepo Databases as hcrepo_app acting as each staff role (None: no role), all with
+    the same keys."""
+    opened: dict[str | None, Database] = {}
+    for role in ("doctor", "admin", "nurse", "receptionist", None):
+        settings = Settings(database_url=role_url(migrated_db.app_url, role), redis_url="",
+                            pool_min=1, pool_max=3, HCREPO_MASTER_KEY=MASTER,
+                            HCREPO_BLIND_INDEX_KEY=BLIND)
+        opened[role] = Database(settings)
+        opened[role].open()
+    yield opened
+    for db in opened.values():
+        db.close()
+
+
+@pytest.fixture
+def doctor(databases: dict[str | None, Database]) -> Database:
+    return databases["doctor"]
+
+
+@pytest.fixture
+def clinic(migrated_db: ServerDatabase) -> Clinic:
+    return new_clinic(migrated_db.superuser_url, patients=0)
+
+
+def scope(db: Database, clinic: Clinic) -> AbstractContextManager[object]:
+    return db.context(clinic_id=clinic.id, actor_id=clinic.actor_id)
+
+
+def create(db: Database, ssn: str | None, mrn: str | None = None) -> Patient:
+    return PatientRepository(db).create(
+        mrn=mrn or uuid.uuid4().hex[:12], first_name="Crypto", last_name="Tester",
+        date_of_birth=date(1980, 5, 6), sex="other", ssn=ssn)
+
+
+def fake_ssn(n: int) -> str:
+    return f"900-{n // 10000 % 100:02d}-{n % 10000:04d}"
+
+
+def superuser(migrated_db: ServerDatabase) -> psycopg.Connection[Any]:
+    return psycopg.connect(migrated_db.superuser_url, autocommit=True)
+
+
+def stored(migrated_db: ServerDatabase, patient_id: UUID) -> tuple[str | None, str | None]:
+    with superuser(migrated_db) as conn:
+        row = conn.execute("SELECT ssn, ssn_bidx FROM patients WHERE id = %s",
+                           [patient_id]).fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+def owner(migrated_db: ServerDatabase) -> Callable[[], psycopg.Connection[Any]]:
+    return lambda: psycopg.connect(migrated_db.owner_url, autocommit=True)
+
+
+# --- what the database holds -----------------------------------------------------------------
+
+
+def test_the_database_holds_ciphertext_only(
+    doctor: Database, clinic: Clinic, migrated_db: ServerDatabase
+) -> None:
+    with scope(doctor, clinic):
+        created = create(doctor, SSN)
+        assert created.ssn == SSN
+    ssn, bidx = stored(migrated_db, created.id)
+    assert ssn is not None and ssn.startswith("hc1:1:") and bidx is not None
+    with superuser(migrated_db) as conn:
+        everything = " ".join(
+            str(row) for table in ("patients", "clinic_data_keys")
+            for row in conn.execute(f"SELECT t::text FROM {table} t").fetchall())  # noqa: S608
+        keys = conn.execute("SELECT wrapped FROM clinic_data_keys WHERE clinic_id = %s",
+                            [clinic.id]).fetchall()
+    for spelling in (SSN, SSN.replace("-", ""), "6789"):
+        assert spelling not in everything
+    assert len(keys) == 1 and len(bytes(keys[0][0])) == 12 + 32 + 16  # nonce, key, tag
+    assert len(bidx) == 64 and int(bidx, 16) >= 0  # an HMAC, not the digits
+
+
+def test_ssn_round_trips_through_every_read(doctor: Database, clinic: Clinic) -> None:
+    with scope(doctor, clinic):
+        created = create(doctor, SSN)
+        without = create(doctor, None)
+        patients = PatientRepository(doctor)
+        assert patients.get(id=created.id) == created
+        assert patients.by_mrn(mrn=created.mrn) == created
+        assert {p.id: p.ssn for p in patients.stream_all()} == {created.id: SSN,
+                                                                without.id: None}
+        assert patients.set_ssn(id=without.id, ssn="987-65-4321") == 1
+        after = patients.get(id=without.id)
+        assert after is not None and after.ssn == "987-65-4321"
+        assert patients.set_ssn(id=without.id, ssn=None) == 1
+        cleared = patients.get(id=without.id)
+        assert cleared is not None and cleared.ssn is None
+
+
+def test_a_unit_of_work_that_rolls_back_keeps_the_clinic_key(
+    doctor: Database, clinic: Clinic, migrated_db: ServerDatabase
+) -> None:
+    """The first key of a clinic is committed on its own: a value sealed with it inside a
+    unit of work that rolls back must not leave later values sealed with a lost key."""
+    with scope(doctor, clinic):
+        with pytest.raises(RuntimeError), doctor.unit_of_work() as uow:
+            create(uow, SSN)  # type: ignore[arg-type]
+            raise RuntimeError("roll back")
+        with doctor.unit_of_work() as uow:
+            kept = PatientRepository(uow).create(
+                mrn="uow-1", first_name="A", last_name="B", date_of_birth=date(1990, 1, 1),
+                sex="other", ssn=SSN)
+        found = PatientRepository(doctor).get(id=kept.id)
+    assert found is not None and found.ssn == SSN
+    with superuser(migrated_db) as conn:
+        assert conn.execute("SELECT count(*) FROM clinic_data_keys WHERE clinic_id = %s",
+                            [clinic.id]).fetchone() == (1,)
+
+
+# --- bound to clinic, table, column and row -----------------------------------------------
+
+
+def test_a_ciphertext_copied_to_another_row_does_not_decrypt(
+    doctor: Database, clinic: Clinic, migrated_db: ServerDatabase
+) -> None:
+    with scope(doctor, clinic):
+        source = create(doctor, SSN)
+        target = create(doctor, None)
+    ssn, _ = stored(migrated_db, source.id)
+    with superuser(migrated_db) as conn:
+        conn.execute("UPDATE patients SET ssn = %s, ssn_bidx = repeat('0', 64) WHERE id = %s",
+                     [ssn, target.id])
+    with scope(doctor, clinic), pytest.raises(DecryptionFailed) as caught:
+        PatientRepository(doctor).get(id=target.id)
+    message = str(caught.value)
+    assert "patients.ssn (get_patient)" in message and "another row or clinic" in message
+    assert ssn is not None and ssn not in message and SSN not in message
+    assert caught.value.__cause__ is None and caught.value.__context__ is None
+    with scope(doctor, clinic):  # the row it came from still reads
+        assert PatientRepository(doctor).get(id=source.id) == source
+
+
+def test_a_ciphertext_moved_to_another_clinic_does_not_decrypt(
+    doctor: Database, clinic: Clinic, migrated_db: ServerDatabase
+) -> None:
+    other = new_clinic(migrated_db.superuser_url, patients=0)
+    with scope(doctor, clinic):
+        source = create(doctor, SSN)
+    with scope(doctor, other):
+        create(doctor, "111-11-1111")  # the other clinic has a data key (version 1) too
+        target = create(doctor, None)
+    ssn, _ = stored(migrated_db, source.id)
+    with superuser(migrated_db) as conn:
+        # Moved with its row id: only the clinic differs in what the value is bound to.
+        conn.execute("UPDATE patients SET ssn = %s, ssn_bidx = repeat('1', 64) WHERE id = %s",
+                     [ssn, target.id])
+    with scope(doctor, other), pytest.raises(DecryptionFailed) as caught:
+        PatientRepository(doctor).get(id=target.id)
+    assert ssn is not None and ssn not in str(caught.value)
+
+
+def test_the_database_refuses_plaintext_and_unindexed_ssns(
+    migrated_db: ServerDatabase, clinic: Clinic
+) -> None:
+    with superuser(migrated_db) as conn:
+        patient = conn.execute(
+            "INSERT INTO patients (clinic_id, mrn, first_name, last_name, date_of_birth, sex)"
+            " VALUES (%s, 'plain', 'A', 'B', DATE '1990-01-01', 'other') RETURNING id",
+            [clinic.id]).fetchone()
+        assert patient is not None
+        for ssn, bidx in ((SSN, "a" * 64), ("hc1:1:AAAA", None), (None, "a" * 64)):
+            with pytest.raises(psycopg.errors.CheckViolation):
+                conn.execute("UPDATE patients SET ssn = %s, ssn_bidx = %s WHERE id = %s",
+                             [ssn, bidx, patient[0]])
+
+
+# --- blind index -------------------------------------------------------------------------
+
+
+def test_blind_index_finds_exactly_the_patient_in_any_spelling(
+    doctor: Database, clinic: Clinic, migrated_db: ServerDatabase
+) -> None:
+    other = new_clinic(migrated_db.superuser_url, patients=0)
+    with scope(doctor, clinic):
+        patients = [create(doctor, fake_ssn(n)) for n in range(5)]
+        wanted = create(doctor, SSN)
+        repo = PatientRepository(doctor)
+        for spelling in (SSN, "123456789", " 123 45 6789 ", "123-456789"):
+            assert repo.by_ssn(ssn=spelling) == wanted
+        assert repo.by_ssn(ssn="123-45-6780") is None
+        assert all(repo.by_ssn(ssn=p.ssn or "") == p for p in patients)
+        with pytest.raises(TypeError) as invalid:
+            repo.by_ssn(ssn="123-45-678X")
+        assert "'ssn'" in str(invalid.value) and "678" not in str(invalid.value)
+    with scope(doctor, other):
+        assert PatientRepository(doctor).by_ssn(ssn=SSN) is None  # another clinic's patient
+        theirs = create(doctor, SSN)  # the same SSN in another clinic is another patient
+        assert PatientRepository(doctor).by_ssn(ssn="123456789") == theirs
+    assert stored(migrated_db, theirs.id)[1] != stored(migrated_db, wanted.id)[1]
+
+
+def test_the_blind_index_keeps_ssns_unique_per_clinic(doctor: Database, clinic: Clinic) -> None:
+    with scope(doctor, clinic):
+        create(doctor, SSN)
+        with pytest.raises(UniqueViolation) as caught:
+            create(doctor, "123 45 6789")
+        assert caught.value.constraint == "patients_clinic_ssn_bidx_key"
+        assert "6789" not in str(caught.value)
+        other = create(doctor, None)
+        with pytest.raises(UniqueViolation):
+            PatientRepository(doctor).set_ssn(id=other.id, ssn="123456789")
+
+
+# --- who may see the SSN, in PostgreSQL -------------------------------------------------------
+
+
+@pytest.mark.parametrize(("role", "emergency", "visible"), [
+    ("doctor", "", True), ("admin", "", True), ("nurse", "", False),
+    ("receptionist", "", False), ("", "", False), ("receptionist", "cardiac arrest", True),
+])
+def test_the_application_role_reads_ssn_only_as_allowed(
+    doctor: Database, clinic: Clinic, migrated_db: ServerDatabase, role: str, emergency: str,
+    visible: bool,
+) -> None:
+    with scope(doctor, clinic):
+        created = create(doctor, SSN)
+    with psycopg.connect(migrated_db.app_url, autocommit=True) as conn, conn.transaction():
+        conn.execute("SELECT set_config('app.clinic_id', %s, true), "
+                     "set_config('app.role', %s, true), "
+                     "set_config('app.emergency_reason', %s, true)",
+                     [str(clinic.id), role, emergency])
+        row = conn.execute("SELECT ssn FROM patient_ssns WHERE id = %s",
+                           [created.id]).fetchone()
+        assert row is not None and (row[0] is not None) is visible
+        with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
+            conn.execute("SELECT ssn FROM patients WHERE id = %s", [created.id])
+        with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
+            conn.execute("SELECT count(*) FROM patients WHERE ssn IS NOT NULL")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
+            conn.execute("SELECT p FROM patients p")
+
+
+def test_repositories_give_the_ssn_only_to_roles_that_may_see_it(
+    databases: dict[str | None, Database], clinic: Clinic
+) -> None:
+    with scope(databases["doctor"], clinic):
+        created = create(databases["doctor"], SSN)
+    for role, db in databases.items():
+        with scope(db, clinic):
+            patients = PatientRepository(db)
+            found, by_ssn = patients.get(id=created.id), patients.by_ssn(ssn=SSN)
+        assert found is not None and by_ssn is not None
+        expected = SSN if role in ("doctor", "admin") else None
+        assert (found.ssn, by_ssn.ssn) == (expected, expected), role
+        assert found.model_copy(update={"ssn": SSN}) == created
+
+
+# --- keys and settings -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("setting", "value"), [
+    ("HCREPO_MASTER_KEY", "not base64!"),
+    ("HCREPO_MASTER_KEY", base64.b64encode(b"short").decode()),
+    ("HCREPO_MASTER_KEY", f"1:{MASTER},2:{BLIND}"),
+    ("HCREPO_MASTER_KEY_PREVIOUS", MASTER),
+    ("HCREPO_BLIND_INDEX_KEY", base64.b64encode(os.urandom(16)).decode()),
+])
+def test_invalid_keys_are_config_errors_naming_the_setting(setting: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.load(database_url="postgresql://x@localhost/x", **{setting: value})
+    assert caught.value.setting == setting
+    assert value not in str(caught.value) and MASTER not in str(caught.value)
+
+
+def test_a_previous_master_key_cannot_repeat_the_current_version() -> None:
+    with pytest.raises(ConfigError) as caught:
+        SettingsMasterKeys(f"2:{MASTER}", f"2:{BLIND}")
+    assert caught.value.setting == "HCREPO_MASTER_KEY_PREVIOUS"
+
+
+def test_missing_keys_are_config_errors_naming_the_setting(
+    migrated_db: ServerDatabase, clinic: Clinic, doctor: Database
+) -> None:
+    with scope(doctor, clinic):
+        sealed = create(doctor, SSN)
+    url = role_url(migrated_db.app_url, "doctor")
+    for given, missing in (({}, "HCREPO_BLIND_INDEX_KEY"),
+                           ({"HCREPO_BLIND_INDEX_KEY": BLIND}, "HCREPO_MASTER_KEY")):
+        settings = Settings(database_url=url, redis_url="", pool_min=1, pool_max=2, **given)
+        with Database(settings) as db, scope(db, clinic):
+            with pytest.raises(ConfigError) as caught:
+                create(db, SSN)
+            assert caught.value.setting == missing
+            assert "patients.ssn (create_patient)" in str(caught.value)
+            if missing == "HCREPO_MASTER_KEY":
+                with pytest.raises(ConfigError) as reading:
+                    PatientRepository(db).get(id=sealed.id)
+                assert reading.value.setting == "HCREPO_MASTER_KEY"
+            unsealed = create(db, None)  # no SSN: no key needed
+            assert PatientRepository(db).get(id=unsealed.id) == unsealed
+
+
+def test_a_wrong_master_key_does_not_unwrap(
+    migrated_db: ServerDatabase, clinic: Clinic, doctor: Database
+) -> None:
+    with scope(doctor, clinic):
+        sealed = create(doctor, SSN)
+    settings = Settings(database_url=role_url(migrated_db.app_url, "doctor"), redis_url="",
+                        pool_min=1, pool_max=2, HCREPO_MASTER_KEY=new_key(),
+                        HCREPO_BLIND_INDEX_KEY=BLIND)
+    with Database(settings) as db, scope(db, clinic), pytest.raises(DecryptionFailed) as caught:
+        PatientRepository(db).get(id=sealed.id)
+    assert "master key version 1" in str(caught.value)
+
+
+# --- rotation -------------------------------------------------------------------------------
+
+
+def versions(migrated_db: ServerDatabase, clinic: Clinic) -> dict[int, int]:
+    with superuser(migrated_db) as conn:
+        rows = conn.execute(
+            "SELECT split_part(ssn, ':', 2)::int, count(*) FROM patients WHERE clinic_id = %s"
+            " AND ssn IS NOT NULL GROUP BY 1", [clinic.id]).fetchall()
+    return dict(rows)
+
+
+def seeded_clinic(doctor: Database, clinic: Clinic, count: int) -> dict[UUID, str]:
+    with scope(doctor, clinic):
+        return {create(doctor, fake_ssn(n)).id: fake_ssn(n) for n in range(count)}
+
+
+def all_readable(db: Database, clinic: Clinic, expected: dict[UUID, str]) -> bool:
+    with scope(db, clinic):
+        found = {p.id: p.ssn for p in PatientRepository(db).stream_all()}
+    return found == expected
+
+
+def test_reads_continue_across_a_data_key_rotation_in_another_thread(
+    doctor: Database, clinic: Clinic, migrated_db: ServerDatabase
+) -> None:
+    expected = seeded_clinic(doctor, clinic, 12)
+    midway = threading.Event()
+    read_midway = threading.Event()
+    done = threading.Event()
+    seen: list[dict[int, int]] = []
+    failures: list[BaseException] = []
+    reads = 0
+
+    def reader() -> None:
+        nonlocal reads
+        try:
+            while not done.is_set() and reads < 10_000:
+                assert all_readable(doctor, clinic, expected)
+                with scope(doctor, clinic):
+                    for patient_id, ssn in list(expected.items())[:3]:
+                        found = PatientRepository(doctor).get(id=patient_id)
+                        assert found is not None and found.ssn == ssn
+                reads += 1
+                if midway.is_set():
+                    read_midway.set()
+        except BaseException as exc:
+            failures.append(exc)
+            read_midway.set()
+
+    def progress(clinic_id: UUID, column: Column, count: int) -> None:
+        if not midway.is_set():
+            seen.append(versions(migrated_db, clinic))
+            midway.set()
+            assert read_midway.wait(30), "no read completed while the rotation was midway"
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        moved = rotation.rotate_data(owner(migrated_db), SettingsMasterKeys(MASTER),
+                                     SSN_COLUMNS, only=clinic.id, batch=4, progress=progress)
+    finally:
+        done.set()
+        thread.join(30)
+    assert not failures, failures
+    assert moved == 12
+    assert seen == [{1: 8, 2: 4}]  # old and new versions side by side while reads went on
+    assert versions(migrated_db, clinic) == {2: 12}
+    assert all_readable(doctor, clinic, expected)
+    with scope(doctor, clinic):  # new values are sealed with the new version, once known
+        assert create(doctor, "555-55-5555").ssn == "555-55-5555"
+
+
+def test_a_rotation_that_dies_midway_leaves_every_row_readable_and_a_rerun_finishes(
+    doctor: Database, clinic: Clinic, migrated_db: ServerDatabase
+) -> None:
+    expected = seeded_clinic(doctor, clinic, 10)
+    batches = 0
+
+    def crash_after_two(clinic_id: UUID, column: Column, count: int) -> None:
+        nonlocal batches
+        batches += 1
+        if batches == 2:
+            raise KeyboardInterrupt  # the process is stopped between two batches
+
+    master = SettingsMasterKeys(MASTER)
+    with pytest.raises(KeyboardInterrupt):
+        rotation.rotate_data(owner(migrated_db), master, SSN_COLUMNS, only=clinic.id,
+                             batch=3, progress=crash_after_two)
+    assert versions(migrated_db, clinic) == {1: 4, 2: 6}
+    assert all_readable(doctor, clinic, expected)
+    status = rotation.status(owner(migrated_db), SSN_COLUMNS, only=clinic.id)
+    assert [(s.version, s.state, s.values[SSN_COLUMNS[0]]) for s in status] == [
+        (1, "retired", 4), (2, "active", 6)]
+    # The re-run resumes the rotation (no third version) and completes it.
+    assert rotation.rotate_data(owner(migrated_db), master, SSN_COLUMNS, only=clinic.id,
+                                batch=3) == 4
+    assert versions(migrated_db, clinic) == {2: 10}
+    assert all_readable(doctor, clinic, expected)
+    with superuser(migrated_db) as conn:
+        events = conn.execute(
+            "SELECT kind, event, from_version, to_version, values_reencrypted"
+            " FROM key_rotations WHERE clinic_id = %s ORDER BY id", [clinic.id]).fetchall()
+    assert events == [("data", "started", 1, 2, 0), ("data", "started", None, 2, 0),
+                      ("data", "completed", None, 2, 4)]
+
+
+def test_a_master_key_rotation_rewraps_every_data_key(
+    doctor: Database, clinic: Clinic, migrated_db: ServerDatabase
+) -> None:
+    expected = seeded_clinic(doctor, clinic, 3)
+    second = new_key()
+    both = SettingsMasterKeys(f"2:{second}", f"1:{MASTER}")
+    assert rotation.rotate_master(owner(migrated_db), both, only=clinic.id) == 1
+    assert rotation.rotate_master(owner(migrated_db), both, only=clinic.id) == 0  # done
+    with superuser(migrated_db) as conn:
+        assert conn.execute("SELECT master_version FROM clinic_data_keys WHERE clinic_id = %s",
+                            [clinic.id]).fetchall() == [(2,)]
+    url = role_url(migrated_db.app_url, "doctor")
+    only_new = Settings(database_url=url, redis_url="", pool_min=1, pool_max=2,
+                        HCREPO_MASTER_KEY=f"2:{second}", HCREPO_BLIND_INDEX_KEY=BLIND)
+    with Database(only_new) as db:
+        assert all_readable(db, clinic, expected)
+    only_old = only_new.model_copy(update={"master_key": only_new.master_key.__class__(MASTER)})
+    with Database(only_old) as db, scope(db, clinic), pytest.raises(ConfigError) as caught:
+        PatientRepository(db).get(id=next(iter(expected)))
+    assert caught.value.setting == "HCREPO_MASTER_KEY" and "version 2" in str(caught.value)
+
+
+def test_key_rotations_are_append_only(
+    doctor: Database, clinic: Clinic, migrated_db: ServerDatabase
+) -> None:
+    seeded_clinic(doctor, clinic, 1)
+    rotation.rotate_data(owner(migrated_db), SettingsMasterKeys(MASTER), SSN_COLUMNS,
+                         only=clinic.id)
+    with owner(migrated_db)() as conn, conn.transaction():
+        conn.execute("SELECT set_config('app.clinic_id', %s, true)", [str(clinic.id)])
+        for statement in ("UPDATE key_rotations SET values_reencrypted = 0",
+                          "DELETE FROM key_rotations"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
+                conn.execute(statement)
+    with psycopg.connect(migrated_db.app_url) as app, pytest.raises(
+            psycopg.errors.InsufficientPrivilege):
+        app.execute("SELECT * FROM key_rotations")
