@@ -39,6 +39,7 @@ from hcrepo.tenancy import Context, bind_context
 from hcrepo.unit_of_work import UnitOfWork
 
 __all__ = [
+    "PHI",
     "ActorRequired",
     "CheckViolation",
     "CommitOutcomeUnknown",
@@ -58,7 +59,6 @@ __all__ = [
     "InvalidToken",
     "MasterKeys",
     "NotFound",
-    "PHI",
     "PageSizeExceeded",
     "PoolTimeout",
     "QueryError",

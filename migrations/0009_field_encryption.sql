@@ -93,7 +93,7 @@ CREATE POLICY tenant_isolation ON clinic_data_keys FOR ALL TO hcrepo_app, hcrepo
 GRANT SELECT, INSERT ON clinic_data_keys TO hcrepo_app;
 
 -- Every key rotation, per clinic: started and completed, by whom. Append-only for
--- everyone, the owner included; the application role has no access.
+-- everyone, the owner included; the application may read its clinic's (no values in it).
 CREATE TABLE key_rotations (
     id                 bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     clinic_id          uuid NOT NULL REFERENCES clinics,
@@ -123,3 +123,4 @@ CREATE TRIGGER key_rotations_append_only BEFORE UPDATE OR DELETE ON key_rotation
     FOR EACH ROW EXECUTE FUNCTION hcrepo_key_rotations_append_only();
 CREATE TRIGGER key_rotations_no_truncate BEFORE TRUNCATE ON key_rotations
     FOR EACH STATEMENT EXECUTE FUNCTION hcrepo_key_rotations_append_only();
+GRANT SELECT ON key_rotations TO hcrepo_app;
