@@ -30,6 +30,7 @@ from hcrepo.config import server_options
 from hcrepo.healthcare import Patient, PatientRepository
 from hcrepo.sqlfile import Column
 from tests.plugins.database import Database as ServerDatabase
+from tests.support.cli import assert_one_line, hcrepo
 from tests.support.repos import Clinic, new_clinic
 
 SSN = "123-45-6789"
@@ -509,3 +510,40 @@ def test_key_rotations_are_append_only(
                           " VALUES (gen_random_uuid(), 'data', 'started', 1)"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege), app.transaction():
                 app.execute(statement)
+
+
+# --- the command ----------------------------------------------------------------------------
+
+
+def test_keys_status_and_rotate_from_the_command_line(
+    doctor: Database, clinic: Clinic, migrated_db: ServerDatabase
+) -> None:
+    expected = seeded_clinic(doctor, clinic, 3)
+    target = ("--database", migrated_db.owner_url, "--clinic", str(clinic.id))
+    env = {"HCREPO_MASTER_KEY": MASTER}
+    status = hcrepo("keys", "status", *target, env=env)
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.splitlines()[1].split() == [str(clinic.id), "1", "active", "1", "3"]
+    rotated = hcrepo("keys", "rotate", "--data", "--batch", "2", *target, env=env)
+    assert rotated.returncode == 0, rotated.stderr
+    assert "3 values re-encrypted" in rotated.stdout
+    after = hcrepo("keys", "status", *target, env=env).stdout.splitlines()[1:]
+    assert [line.split()[1:] for line in after] == [["1", "retired", "1", "0"],
+                                                     ["2", "active", "1", "3"]]
+    assert all_readable(doctor, clinic, expected)
+    for ssn in expected.values():
+        assert ssn not in status.stdout + rotated.stdout + rotated.stderr
+
+
+@pytest.mark.parametrize(("env", "setting"), [
+    ({}, "HCREPO_MASTER_KEY"), ({"HCREPO_MASTER_KEY": "nope"}, "HCREPO_MASTER_KEY"),
+    ({"HCREPO_MASTER_KEY": MASTER, "HCREPO_MASTER_KEY_PREVIOUS": "x"},
+     "HCREPO_MASTER_KEY_PREVIOUS"),
+])
+def test_rotate_without_a_valid_master_key_is_one_line_naming_the_setting(
+    migrated_db: ServerDatabase, env: dict[str, str], setting: str
+) -> None:
+    result = hcrepo("keys", "rotate", "--master", "--database", migrated_db.owner_url, env=env)
+    assert result.returncode == 2
+    assert_one_line(result.stderr, starts=f"hcrepo: {setting}: ")
+    assert MASTER not in result.stderr
