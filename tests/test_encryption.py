@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from datetime import date
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -24,11 +26,12 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from hcrepo import ConfigError, Database, DecryptionFailed, Settings, UniqueViolation
-from hcrepo.admin import rotation
+from hcrepo.admin import migrate, rotation
 from hcrepo.compliance.keys import SettingsMasterKeys
 from hcrepo.config import server_options
 from hcrepo.healthcare import Patient, PatientRepository
 from hcrepo.sqlfile import Column
+from tests.plugins.database import APP_PASSWORD, FreshDatabase
 from tests.plugins.database import Database as ServerDatabase
 from tests.support.cli import assert_one_line, hcrepo
 from tests.support.repos import Clinic, new_clinic
@@ -547,3 +550,54 @@ def test_rotate_without_a_valid_master_key_is_one_line_naming_the_setting(
     assert result.returncode == 2
     assert_one_line(result.stderr, starts=f"hcrepo: {setting}: ")
     assert MASTER not in result.stderr
+
+
+def test_plaintext_ssns_are_moved_aside_by_the_migration_and_sealed_by_encrypt_existing(
+    fresh_database: FreshDatabase, tmp_path: Path
+) -> None:
+    db = fresh_database()
+    before = tmp_path / "before"
+    before.mkdir()
+    for path in migrate.migrations_dir().glob("000[1-5]_*.sql"):
+        shutil.copy(path, before / path.name)
+    migrate.apply(db.owner_url, setting="owner URL", source=before)
+    ssns = {"a": "123-45-6789", "b": "123456789", "c": "not an ssn", "d": "987 65 4321"}
+    with psycopg.connect(db.superuser_url) as conn:
+        clinic_a, clinic_b = (new_clinic(db.superuser_url, patients=0).id for _ in range(2))
+        ids = {}
+        for name, ssn in ssns.items():
+            row = conn.execute(
+                "INSERT INTO patients (clinic_id, mrn, first_name, last_name, date_of_birth,"
+                " sex, ssn) VALUES (%s, %s, 'Old', 'Row', DATE '1970-01-01', 'other', %s)"
+                " RETURNING id", [clinic_b if name == "d" else clinic_a, name, ssn]).fetchone()
+            assert row is not None
+            ids[name] = row[0]
+    migrate.apply(db.owner_url, setting="owner URL")
+    migrate.set_role_password(db.owner_url, migrate.APP_ROLE, APP_PASSWORD)
+    with psycopg.connect(db.superuser_url) as conn:
+        assert conn.execute("SELECT count(*) FROM patients WHERE ssn IS NOT NULL"
+                            ).fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM patients_plaintext_ssn").fetchone() == (4,)
+    blind = Settings(database_url=db.app_url, HCREPO_BLIND_INDEX_KEY=BLIND).blind_index()
+    assert blind is not None
+    result = rotation.encrypt_existing(owner(db), SettingsMasterKeys(MASTER), blind, batch=2)
+    # "b" is "a" spelled otherwise: the first sealed keeps it, the other stays aside, as
+    # does "c", which is no SSN.
+    assert result == rotation.Leftover(encrypted=2, left_aside=2)
+    with psycopg.connect(db.superuser_url) as conn:
+        left = conn.execute("SELECT patient_id FROM patients_plaintext_ssn").fetchall()
+        stored_ssns = conn.execute("SELECT ssn FROM patients WHERE ssn IS NOT NULL").fetchall()
+    sealed_first = "a" if ids["a"] < ids["b"] else "b"  # batches go in patient id order
+    duplicate = "b" if sealed_first == "a" else "a"
+    assert {row[0] for row in left} == {ids[duplicate], ids["c"]}
+    assert all(row[0].startswith("hc1:1:") for row in stored_ssns) and len(stored_ssns) == 2
+    settings = Settings(database_url=role_url(db.app_url, "doctor"), redis_url="", pool_min=1,
+                        pool_max=2, HCREPO_MASTER_KEY=MASTER, HCREPO_BLIND_INDEX_KEY=BLIND)
+    with Database(settings) as app:
+        with app.context(clinic_id=clinic_a):
+            found = PatientRepository(app).by_ssn(ssn="123 45 6789")
+            assert found is not None
+            assert (found.id, found.ssn) == (ids[sealed_first], ssns[sealed_first])
+        with app.context(clinic_id=clinic_b):
+            found = PatientRepository(app).by_ssn(ssn="987654321")
+            assert found is not None and found.ssn == ssns["d"]

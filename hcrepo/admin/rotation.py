@@ -23,6 +23,7 @@ import psycopg
 from psycopg import sql
 
 from hcrepo.compliance import envelope
+from hcrepo.compliance.blind_index import NORMALISERS, BlindIndex
 from hcrepo.compliance.keyring import StoredKey, new_data_key, wrap_context
 from hcrepo.compliance.keys import MasterKeys
 from hcrepo.errors import DecryptionFailed
@@ -59,6 +60,23 @@ def _keys(conn: psycopg.Connection[Any], lock: bool = False) -> list[StoredKey]:
         "ORDER BY version" + (" FOR UPDATE" if lock else "")
     ).fetchall()
     return [StoredKey(v, m, bytes(w), a) for v, m, w, a in rows]
+
+
+def _add_version(conn: psycopg.Connection[Any], master: MasterKeys, clinic_id: UUID,
+                 version: int) -> None:
+    """A new data key, active from now on (the caller retired the previous one)."""
+    conn.execute(
+        "INSERT INTO clinic_data_keys (clinic_id, version, master_version, wrapped, state) "
+        "VALUES (%s, %s, %s, %s, 'active')",
+        [clinic_id, version, master.current_version,
+         master.wrap(new_data_key(), wrap_context(clinic_id, version))])
+
+
+def _unwrapped(conn: psycopg.Connection[Any], master: MasterKeys, clinic_id: UUID
+               ) -> dict[int, bytes]:
+    return {k.version: master.unwrap(k.master_version, k.wrapped,
+                                     wrap_context(clinic_id, k.version))
+            for k in _keys(conn)}
 
 
 def _version(column: Column) -> sql.Composed:
@@ -176,18 +194,12 @@ def _rotate_clinic(
             # Nothing left from an earlier rotation: start a new one.
             target = max(k.version for k in stored) + 1
             conn.execute("UPDATE clinic_data_keys SET state = 'retired' WHERE state = 'active'")
-            conn.execute(
-                "INSERT INTO clinic_data_keys (clinic_id, version, master_version, wrapped, "
-                "state) VALUES (%s, %s, %s, %s, 'active')",
-                [clinic_id, target, master.current_version,
-                 master.wrap(new_data_key(), wrap_context(clinic_id, target))])
+            _add_version(conn, master, clinic_id, target)
             _record(conn, clinic_id, "data", "started", active, target)
         else:
             target = active  # resume: the new version exists, values remain under older ones
             _record(conn, clinic_id, "data", "started", None, target)
-        keys = {k.version: master.unwrap(k.master_version, k.wrapped,
-                                         wrap_context(clinic_id, k.version))
-                for k in _keys(conn)}
+        keys = _unwrapped(conn, master, clinic_id)
     done = 0
     for column in columns:
         done += _reencrypt(conn, clinic_id, column, keys, target, batch, progress)
@@ -238,3 +250,74 @@ def _reencrypt(
         done += len(rows)
         if progress is not None:
             progress(clinic_id, column, len(rows))
+
+
+class Leftover(NamedTuple):
+    encrypted: int
+    left_aside: int
+    """Values still waiting: not an SSN (digits, spaces, dashes), or another patient of
+    the clinic has it (the blind index is unique)."""
+
+
+def encrypt_existing(
+    connect: Connect,
+    master: MasterKeys,
+    blind: BlindIndex,
+    *,
+    only: UUID | None = None,
+    batch: int = 500,
+    progress: Progress | None = None,
+) -> Leftover:
+    """Seal the plaintext SSNs 0009_field_encryption moved aside into their rows (with their
+    blind index) and delete them from `patients_plaintext_ssn`, in short batches."""
+    column = Column("patients", "ssn")
+    done = skipped = 0
+    with connect() as conn:
+        for clinic_id in clinics(conn, only):
+            with conn.transaction():
+                _in_clinic(conn, clinic_id)
+                stored = _keys(conn, lock=True)
+                if not stored:
+                    _add_version(conn, master, clinic_id, 1)
+                    stored = _keys(conn)
+                active = next(k.version for k in stored if k.active)
+                keys = _unwrapped(conn, master, clinic_id)
+            last = UUID(int=0)
+            while True:
+                with conn.transaction():
+                    _in_clinic(conn, clinic_id)
+                    rows = conn.execute(
+                        "SELECT patient_id, ssn FROM patients_plaintext_ssn "
+                        "WHERE patient_id > %s ORDER BY patient_id LIMIT %s FOR UPDATE",
+                        [last, batch]).fetchall()
+                    if not rows:
+                        break
+                    for patient_id, plain in rows:
+                        digits = NORMALISERS["digits"](plain)
+                        if digits is None or not _seal_into_row(
+                                conn, clinic_id, column, patient_id, plain, digits,
+                                keys[active], active, blind):
+                            skipped += 1
+                            continue
+                        done += 1
+                    last = rows[-1][0]
+                if progress is not None:
+                    progress(clinic_id, column, len(rows))
+    return Leftover(done, skipped)
+
+
+def _seal_into_row(conn: psycopg.Connection[Any], clinic_id: UUID, column: Column,
+                   patient_id: UUID, plain: str, digits: str, key: bytes, version: int,
+                   blind: BlindIndex) -> bool:
+    aad = envelope.associated_data(clinic_id, column.table, column.column, patient_id)
+    try:
+        with conn.transaction():  # a savepoint: a duplicate leaves only this row aside
+            conn.execute(
+                "UPDATE patients SET ssn = %s, ssn_bidx = %s WHERE id = %s AND ssn IS NULL",
+                [envelope.seal(key, version, plain, aad),
+                 blind.index(clinic_id, column.table, column.column, digits), patient_id])
+            conn.execute("DELETE FROM patients_plaintext_ssn WHERE patient_id = %s",
+                         [patient_id])
+    except psycopg.errors.UniqueViolation:
+        return False
+    return True

@@ -5,7 +5,8 @@ key there and the old one in HCREPO_MASTER_KEY_PREVIOUS first; remove the old on
 has run). `rotate --data` gives each clinic a new data key version and re-encrypts its
 values in small batches while the application keeps reading and writing; run it again
 after an interruption and it finishes what was left. `status` counts the values each data
-key version still protects.
+key version still protects. `encrypt-existing` seals the plaintext SSNs the field-encryption
+migration moved aside.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from hcrepo.admin import check, rotation
 from hcrepo.admin.connect import connect
 from hcrepo.cli.migrate import migration_target, positive
-from hcrepo.compliance.keys import MASTER_KEY, MasterKeys
+from hcrepo.compliance.keys import BLIND_INDEX_KEY, MASTER_KEY, MasterKeys
 from hcrepo.config import Settings
 from hcrepo.errors import ConfigError
 from hcrepo.sqlfile import Column
@@ -56,6 +57,16 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rotate.add_argument("--batch", type=positive, default=500, metavar="N",
                         help="values per transaction (default 500)")
     rotate.set_defaults(command=_rotate)
+    existing = actions.add_parser(
+        "encrypt-existing", parents=[common],
+        help="seal the plaintext SSNs the field-encryption migration moved aside",
+        description="Seal each SSN waiting in patients_plaintext_ssn into its patient's row, "
+        "with its blind index, and delete it there. Values that are not an SSN, or that "
+        "another patient of the clinic already has, stay aside and are counted.",
+    )
+    existing.add_argument("--batch", type=positive, default=500, metavar="N",
+                          help="values per transaction (default 500)")
+    existing.set_defaults(command=_encrypt_existing)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -92,6 +103,19 @@ def _rotate(args: argparse.Namespace) -> int:
         count = rotation.rotate_data(connector, master, columns, only=args.clinic,
                                      batch=args.batch, progress=advanced)
     print(f"hcrepo keys: {count} values re-encrypted under new data key versions")
+    return 0
+
+
+def _encrypt_existing(args: argparse.Namespace) -> int:
+    url, setting = migration_target(args.database)
+    settings = Settings.load(database_url=url)
+    master, blind = _master_keys(url), settings.blind_index()
+    if blind is None:
+        raise ConfigError(BLIND_INDEX_KEY, "is required to encrypt SSNs but not set")
+    result = rotation.encrypt_existing(_connector(url, setting), master, blind,
+                                       only=args.clinic, batch=args.batch)
+    print(f"hcrepo keys: {result.encrypted} SSNs encrypted, {result.left_aside} left in "
+          "patients_plaintext_ssn (not an SSN, or a duplicate in its clinic)")
     return 0
 
 
