@@ -385,7 +385,8 @@ def _sealed_call(plan: Plan, cipher: FieldCipher) -> Callable[[Repository, dict[
         clinic = context.clinic_id
         assert clinic is not None
         keyring = runner.keyring
-        args, sql = bind(cipher.seal({**defaults, **kwargs}, clinic, keyring))
+        args, sql = bind(cipher.seal({**defaults, **kwargs} if defaults else kwargs, clinic,
+                                     keyring))
         return cipher.open(runner.run(plan, args, sql), clinic, keyring)
 
     def call(self: Repository, kwargs: dict[str, Any]) -> Any:

@@ -12,8 +12,10 @@ as ciphertext because a query forgot its directive:
     -- generate: id                           :id is a new UUID made here (the AAD needs it)
 
 A value is bound to (clinic, table, column, row id): the row id is the `id` argument when
-sealing, the row's `id` field when opening. A plan without these directives never reaches
-this module (hcrepo.repository builds the plain call for it).
+sealing, the row's `id` field when opening. An encrypted field is a plain `str` (or
+`str | None`): rows are validated with the ciphertext, then again with the plaintext. A plan
+without these directives never reaches this module (hcrepo.repository builds the plain call
+for it).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class FieldCipher:
     """The sealing and opening one repository method needs, built when its class is."""
 
     __slots__ = ("_consumed", "_generated", "_indexed", "_method", "_name", "_opened",
-                 "_sealed", "_validator")
+                 "_passes", "_sealed", "_validator")
 
     def __init__(self, method: str, query: SqlQuery, model: type[BaseModel] | None) -> None:
         self._method = method
@@ -55,8 +57,8 @@ class FieldCipher:
             by_column = {c.column: c for c in query.encrypted}
             self._opened = tuple(by_column[f] for f in sorted(encrypted_fields(model))
                                  if f in by_column)
-            if self._opened:
-                self._validator = model.__pydantic_validator__.validate_python
+            self._validator = model.__pydantic_validator__.validate_python
+        self._passes = not (self._generated or self._sealed or self._indexed)
 
     @staticmethod
     def problems(query: SqlQuery, model: type[BaseModel] | None) -> list[str]:
@@ -70,6 +72,10 @@ class FieldCipher:
             if encrypted_fields(model) & declared and ROW_ID not in model.model_fields:
                 found.append(f"{model.__name__} needs an '{ROW_ID}' field: encrypted values "
                              "are bound to their row")
+            for name in sorted(encrypted_fields(model)):
+                if model.model_fields[name].annotation not in (str, str | None):
+                    found.append(f"{model.__name__}.{name} is encrypted: its type must be "
+                                 "str or str | None (the ciphertext is validated as one)")
         if any(c.column in query.params for c in query.encrypted) and ROW_ID not in query.params:
             found.append(f"an encrypted parameter needs :{ROW_ID} in the SQL (or "
                          f"'-- generate: {ROW_ID}' for a new row): values are bound to their row")
@@ -88,6 +94,8 @@ class FieldCipher:
     def seal(self, kwargs: dict[str, Any], clinic_id: UUID, keyring: Keyring) -> dict[str, Any]:
         """`kwargs` as the SQL takes them: encrypted columns sealed, blind indexes and
         generated ids added, plaintext used only for an index dropped."""
+        if self._passes:
+            return kwargs  # a read that only decrypts
         sealed = dict(kwargs)
         for name in (*self._generated, *(b.param for b in self._indexed)):
             if name in sealed:
@@ -119,8 +127,8 @@ class FieldCipher:
         return sealed
 
     def open(self, result: Any, clinic_id: UUID, keyring: Keyring) -> Any:
-        """A call's result with its encrypted fields decrypted (models validated again with
-        the plaintext); rows, counts and None pass through."""
+        """A call's result with its encrypted fields decrypted; counts and None pass
+        through."""
         if not self._opened or result is None:
             return result
         if isinstance(result, BaseModel):
@@ -142,22 +150,24 @@ class FieldCipher:
                 close()
 
     def _open_row(self, row: BaseModel, clinic_id: UUID, keyring: Keyring) -> Any:
-        values = dict(row.__dict__)
-        changed = False
+        values: dict[str, Any] | None = None
         for column in self._opened:
-            text = values.get(column.column)
+            text = getattr(row, column.column)
             if text is None:
                 continue
             where = self._where(column)
-            key = keyring.key(clinic_id, envelope.key_version(text, where), where)
+
+            def key(version: int, where: str = where) -> bytes:
+                return keyring.key(clinic_id, version, where)
+
             aad = envelope.associated_data(clinic_id, column.table, column.column,
-                                           values[ROW_ID])
+                                           getattr(row, ROW_ID))
+            values = values or dict(row.__dict__)
             values[column.column] = envelope.open_sealed(key, text, aad, where)
-            changed = True
-        if not changed:
+        if values is None:
             return row
         assert self._validator is not None
-        return self._validator(values)
+        return self._validator(values)  # validated again, with the plaintext
 
     def _where(self, column: Column | Any) -> str:
         return f"{column.table}.{column.column} ({self._name})"

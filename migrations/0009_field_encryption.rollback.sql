@@ -16,7 +16,7 @@ DROP TABLE key_rotations;
 DROP FUNCTION hcrepo_key_rotations_append_only();
 DROP TABLE clinic_data_keys;
 
-DROP VIEW patient_ssns;
+DROP VIEW patient_records;
 REVOKE SELECT ON patients FROM hcrepo_app;
 GRANT SELECT ON patients TO hcrepo_app;
 

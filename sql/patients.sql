@@ -2,30 +2,28 @@
 
 -- name: get_patient
 -- encrypt: patients.ssn
-SELECT p.id, p.clinic_id, p.mrn, p.first_name, p.last_name, p.date_of_birth, p.sex, p.phone,
-       p.email, p.address, s.ssn, p.created_at, p.updated_at
-FROM patients AS p
-LEFT JOIN patient_ssns AS s ON s.id = p.id
-WHERE p.id = :id
+SELECT id, clinic_id, mrn, first_name, last_name, date_of_birth, sex, phone, email, address,
+       ssn, created_at, updated_at
+FROM patient_records
+WHERE id = :id
 
 -- name: get_patient_by_mrn
 -- encrypt: patients.ssn
-SELECT p.id, p.clinic_id, p.mrn, p.first_name, p.last_name, p.date_of_birth, p.sex, p.phone,
-       p.email, p.address, s.ssn, p.created_at, p.updated_at
-FROM patients AS p
-LEFT JOIN patient_ssns AS s ON s.id = p.id
-WHERE p.mrn = :mrn
+SELECT id, clinic_id, mrn, first_name, last_name, date_of_birth, sex, phone, email, address,
+       ssn, created_at, updated_at
+FROM patient_records
+WHERE mrn = :mrn
 
 -- name: get_patient_by_ssn
 -- encrypt: patients.ssn
 -- blind_index: patients.ssn using digits
 -- The SSN is never sent: only its blind index, which the UNIQUE (clinic_id, ssn_bidx)
--- index finds. Staff who may not see SSNs find the patient, with ssn NULL.
-SELECT p.id, p.clinic_id, p.mrn, p.first_name, p.last_name, p.date_of_birth, p.sex, p.phone,
-       p.email, p.address, s.ssn, p.created_at, p.updated_at
-FROM patients AS p
-LEFT JOIN patient_ssns AS s ON s.id = p.id
-WHERE p.ssn_bidx = :ssn_bidx
+-- index finds. Staff who may not see SSNs find the patient, with ssn NULL (patient_records
+-- gives the ciphertext to the roles that may see it, 0009_field_encryption).
+SELECT id, clinic_id, mrn, first_name, last_name, date_of_birth, sex, phone, email, address,
+       ssn, created_at, updated_at
+FROM patient_records
+WHERE ssn_bidx = :ssn_bidx
 
 -- name: search_patients
 -- order_by: sort = last_name, first_name, date_of_birth, mrn, created_at
@@ -63,11 +61,10 @@ FROM patients
 -- name: stream_patients
 -- encrypt: patients.ssn
 -- Exports and batch jobs: every patient of the clinic, in id order, through a cursor.
-SELECT p.id, p.clinic_id, p.mrn, p.first_name, p.last_name, p.date_of_birth, p.sex, p.phone,
-       p.email, p.address, s.ssn, p.created_at, p.updated_at
-FROM patients AS p
-LEFT JOIN patient_ssns AS s ON s.id = p.id
-ORDER BY p.id
+SELECT id, clinic_id, mrn, first_name, last_name, date_of_birth, sex, phone, email, address,
+       ssn, created_at, updated_at
+FROM patient_records
+ORDER BY id
 
 -- name: create_patient
 -- encrypt: patients.ssn

@@ -44,7 +44,7 @@ from hcrepo.testing import RedisServer
 from tests.plugins.database import Database as ServerDatabase
 from tests.plugins.database import Seed
 
-PHI_TABLES = {"patients", "appointments", "encounters", "prescriptions"}
+PHI_TABLES = {"patients", "patient_records", "appointments", "encounters", "prescriptions"}
 REPOSITORIES: list[type[Repository]] = [
     ClinicRepository, UserRepository, StaffRepository, PatientRepository, ProviderRepository,
     AppointmentRepository, EncounterRepository, PrescriptionRepository,

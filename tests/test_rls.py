@@ -337,7 +337,7 @@ def test_app_role_has_only_the_table_privileges_it_needs(
         "clinics": read_write,
         "users": "SELECT",
         "clinic_memberships": "DELETE,INSERT,SELECT,UPDATE",
-        # SELECT on every column but ssn (0009_field_encryption; patient_ssns gives it
+        # SELECT on every column but ssn (0009_field_encryption; patient_records gives it
         # to the roles that may see it).
         "patients": "INSERT,UPDATE",
         "providers": read_write,

@@ -59,6 +59,8 @@ class BlindIndex:
     def __repr__(self) -> str:
         return "BlindIndex(<key>)"
 
-    def index(self, clinic_id: UUID, table: str, column: str, normalised: str) -> str:
+    def index(self, clinic_id: UUID, table: str, column: str, normalised: str) -> bytes:
+        """The 32-byte HMAC (bytea in the database: compared byte by byte, where text would
+        go through the collation)."""
         key = self._derive(clinic_id, table, column)
-        return hmac.new(key, normalised.encode("utf-8"), hashlib.sha256).hexdigest()
+        return hmac.new(key, normalised.encode("utf-8"), hashlib.sha256).digest()

@@ -14,7 +14,8 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-import re
+from collections.abc import Callable
+from functools import lru_cache
 from uuid import UUID
 
 from cryptography.exceptions import InvalidTag
@@ -25,43 +26,61 @@ from hcrepo.errors import DecryptionFailed
 PREFIX = "hc1:"
 KEY_BYTES = 32
 _NONCE = 12
-_SHAPE = re.compile(r"^hc1:([1-9][0-9]{0,8}):([A-Za-z0-9+/]+={0,2})$")
 
 
 def associated_data(clinic_id: UUID, table: str, column: str, row_id: UUID) -> bytes:
-    """What a value is bound to; every part has a fixed form (UUIDs canonical, names plain
-    identifiers), so no two bindings share an encoding."""
-    return f"hcrepo:v1|{clinic_id}|{table}.{column}|{row_id}".encode()
+    """What a value is bound to: the UUIDs as their 16 bytes around the `table.column` name
+    (a plain identifier pair, no '|'), so no two bindings share an encoding. Bytes, not
+    text: formatting two UUIDs as text cost more than the decryption."""
+    return b"hcrepo:v1|%b|%b|%b" % (clinic_id.bytes, f"{table}.{column}".encode(), row_id.bytes)
 
 
 def seal(key: bytes, version: int, plaintext: str, aad: bytes) -> str:
     nonce = os.urandom(_NONCE)
-    sealed = AESGCM(key).encrypt(nonce, plaintext.encode("utf-8"), aad)
+    sealed = _aead(key).encrypt(nonce, plaintext.encode("utf-8"), aad)
     return f"{PREFIX}{version}:{base64.b64encode(nonce + sealed).decode('ascii')}"
 
 
 def key_version(text: str, where: str) -> int:
     """The data key version a stored value was sealed with (`DecryptionFailed` if it is not
     one of hcrepo's ciphertexts: plaintext left over, or a damaged value)."""
-    found = _SHAPE.match(text)
-    if found is None:
-        raise DecryptionFailed(f"{where} does not hold an hcrepo ciphertext")
-    return int(found.group(1))
+    return _parsed(text, where)[0]
 
 
-def open_sealed(key: bytes, text: str, aad: bytes, where: str) -> str:
-    found = _SHAPE.match(text)
-    if found is None:
-        raise DecryptionFailed(f"{where} does not hold an hcrepo ciphertext")
+def open_sealed(key: bytes | Callable[[int], bytes], text: str, aad: bytes, where: str) -> str:
+    """The plaintext of `text`, under `key` or the key `key(version)` gives for the version
+    the value names."""
+    version, raw = _parsed(text, where)
+    cipher = _aead(key if isinstance(key, bytes) else key(version))
     try:
-        raw = base64.b64decode(found.group(2), validate=True)
-        if len(raw) < _NONCE + 16:
-            raise ValueError
-        return AESGCM(key).decrypt(raw[:_NONCE], raw[_NONCE:], aad).decode("utf-8")
-    except (InvalidTag, binascii.Error, ValueError, UnicodeDecodeError):
+        return cipher.decrypt(raw[:_NONCE], raw[_NONCE:], aad).decode("utf-8")
+    except (InvalidTag, UnicodeDecodeError):
         # The usual cause: the value was copied from another row or clinic, whose binding
         # it carries; or it was changed. Never the value in the message (invariant 7).
         raise DecryptionFailed(
             f"{where} does not authenticate for this clinic and row (copied from another "
             "row or clinic, or altered)"
         ) from None
+
+
+def _parsed(text: str, where: str) -> tuple[int, bytes]:
+    """(data key version, nonce + ciphertext + tag); split by hand, not by a regular
+    expression, which cost a third of a decryption."""
+    prefix, _, rest = text.partition(":")
+    version, _, body = rest.partition(":")
+    if (prefix != "hc1" or not (version.isascii() and version.isdigit())
+            or not 0 < len(version) < 10 or version[0] == "0"):
+        raise DecryptionFailed(f"{where} does not hold an hcrepo ciphertext")
+    try:
+        raw = binascii.a2b_base64(body, strict_mode=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) < _NONCE + 16:
+        raise DecryptionFailed(f"{where} does not hold an hcrepo ciphertext")
+    return int(version), raw
+
+
+@lru_cache(maxsize=4096)
+def _aead(key: bytes) -> AESGCM:
+    """One AESGCM per data key (its key schedule made once), most recently used kept."""
+    return AESGCM(key)
