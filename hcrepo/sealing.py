@@ -51,12 +51,12 @@ class FieldCipher:
         # Arguments that feed only a blind index: the plaintext itself is never sent.
         self._consumed = tuple(b.column for b in query.blind_indexed
                                if b.column not in query.params)
-        self._opened: tuple[Column, ...] = ()
+        self._opened: tuple[tuple[Column, str], ...] = ()
         self._validator: Callable[[Any], Any] | None = None
         if model is not None:
             by_column = {c.column: c for c in query.encrypted}
-            self._opened = tuple(by_column[f] for f in sorted(encrypted_fields(model))
-                                 if f in by_column)
+            self._opened = tuple((by_column[f], self._where(by_column[f]))
+                                 for f in sorted(encrypted_fields(model)) if f in by_column)
             self._validator = model.__pydantic_validator__.validate_python
         self._passes = not (self._generated or self._sealed or self._indexed)
 
@@ -151,19 +151,16 @@ class FieldCipher:
 
     def _open_row(self, row: BaseModel, clinic_id: UUID, keyring: Keyring) -> Any:
         values: dict[str, Any] | None = None
-        for column in self._opened:
+        for column, where in self._opened:
             text = getattr(row, column.column)
             if text is None:
                 continue
-            where = self._where(column)
-
-            def key(version: int, where: str = where) -> bytes:
-                return keyring.key(clinic_id, version, where)
-
+            version, raw = envelope.parse(text, where)
             aad = envelope.associated_data(clinic_id, column.table, column.column,
                                            getattr(row, ROW_ID))
             values = values or dict(row.__dict__)
-            values[column.column] = envelope.open_sealed(key, text, aad, where)
+            values[column.column] = envelope.decrypt(keyring.key(clinic_id, version, where),
+                                                     raw, aad, where)
         if values is None:
             return row
         assert self._validator is not None

@@ -237,12 +237,12 @@ def _reencrypt(
             changes = []
             for row_id, sealed in rows:
                 aad = envelope.associated_data(clinic_id, column.table, column.column, row_id)
-                version = envelope.key_version(sealed, where)
+                version, raw = envelope.parse(sealed, where)
                 if version not in keys:
                     raise DecryptionFailed(
                         f"{where}: a value is sealed with data key version {version}, "
                         "which this clinic does not have")
-                plain = envelope.open_sealed(keys[version], sealed, aad, where)
+                plain = envelope.decrypt(keys[version], raw, aad, where)
                 changes.append((envelope.seal(keys[target], target, plain, aad), row_id, sealed))
             with conn.cursor() as cursor:
                 cursor.executemany(update, changes)

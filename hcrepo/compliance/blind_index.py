@@ -10,7 +10,6 @@ data keys: rotating those does not touch it.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import unicodedata
 from collections.abc import Callable
@@ -25,11 +24,10 @@ Normaliser = Callable[[str], str | None]
 
 def _digits(value: str) -> str | None:
     """Digits only ("123-45-6789", "123 45 6789" and "123456789" are one SSN); None for a
-    value with no digit at all, or with characters other than digits, spaces and dashes."""
-    if any(not (c.isdigit() or c in " -") for c in value):
-        return None
-    digits = "".join(c for c in value if c.isdigit())
-    return digits or None
+    value with no digit at all, or with characters other than ASCII digits, spaces and
+    dashes."""
+    digits = value.replace("-", "").replace(" ", "")
+    return digits if digits.isascii() and digits.isdigit() else None
 
 
 def _text(value: str) -> str | None:
@@ -63,4 +61,4 @@ class BlindIndex:
         """The 32-byte HMAC (bytea in the database: compared byte by byte, where text would
         go through the collation)."""
         key = self._derive(clinic_id, table, column)
-        return hmac.new(key, normalised.encode("utf-8"), hashlib.sha256).digest()
+        return hmac.digest(key, normalised.encode("utf-8"), "sha256")

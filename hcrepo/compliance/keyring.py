@@ -4,7 +4,7 @@ Each clinic has data key versions 1, 2, ... (`clinic_data_keys`, under row-level
 like every tenant table); one is active, the one new values are sealed with, and every
 version stays usable for reading. A key's bytes never change once made (re-wrapping under
 another master key changes only its stored form), so unwrapped keys are cached for the
-life of the process (bounded, least recently used out). Which version is active is cached
+life of the process (bounded, first loaded out). Which version is active is cached
 for `ACTIVE_TTL` seconds: a process picks up a rotation within that time, and values it
 sealed meanwhile under the previous version stay readable and are re-encrypted by the
 next `hcrepo keys rotate --data`.
@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import OrderedDict
 from typing import NamedTuple, Protocol
 from uuid import UUID
 
@@ -66,8 +65,8 @@ class Keyring:
         self._store = store
         self._blind = blind_index
         self._lock = threading.Lock()
-        self._keys: OrderedDict[tuple[UUID, int], bytes] = OrderedDict()
-        self._active: OrderedDict[UUID, tuple[int, float]] = OrderedDict()
+        self._keys: dict[tuple[UUID, int], bytes] = {}
+        self._active: dict[UUID, tuple[int, float]] = {}
 
     def __repr__(self) -> str:
         return f"Keyring(<{len(self._keys)} data keys>)"
@@ -84,7 +83,6 @@ class Keyring:
             if cached is not None and time.monotonic() - cached[1] < ACTIVE_TTL:
                 key = self._keys.get((clinic_id, cached[0]))
                 if key is not None:
-                    self._keys.move_to_end((clinic_id, cached[0]))
                     return cached[0], key
         version = self._refresh(clinic_id, where)
         if version is None:
@@ -97,12 +95,12 @@ class Keyring:
         return version, self.key(clinic_id, version, where)
 
     def key(self, clinic_id: UUID, version: int, where: str) -> bytes:
-        """The clinic's data key `version` (for reading values sealed with it)."""
-        with self._lock:
-            key = self._keys.get((clinic_id, version))
-            if key is not None:
-                self._keys.move_to_end((clinic_id, version))
-                return key
+        """The clinic's data key `version` (for reading values sealed with it). A hit takes
+        no lock and leaves the order alone (a dict read is atomic): the bound evicts the
+        keys loaded first, which a process serving many clinics loads again in one trip."""
+        key = self._keys.get((clinic_id, version))
+        if key is not None:
+            return key
         self._refresh(clinic_id, where)
         with self._lock:
             key = self._keys.get((clinic_id, version))
@@ -126,14 +124,12 @@ class Keyring:
         with self._lock:
             for version, key in unwrapped.items():
                 self._keys[(clinic_id, version)] = key
-                self._keys.move_to_end((clinic_id, version))
             while len(self._keys) > MAX_KEYS:
-                self._keys.popitem(last=False)
+                del self._keys[next(iter(self._keys))]
             if active is not None:
                 self._active[clinic_id] = (active, time.monotonic())
-                self._active.move_to_end(clinic_id)
                 while len(self._active) > MAX_KEYS:
-                    self._active.popitem(last=False)
+                    del self._active[next(iter(self._active))]
         return active
 
     def _master_keys(self, where: str) -> MasterKeys:
