@@ -26,6 +26,7 @@ from uuid import UUID
 from pydantic import PydanticUserError
 
 from hcrepo import sqlfile, tenancy
+from hcrepo.compliance.fields import encrypted_fields
 from hcrepo.compliance.keyring import Keyring
 from hcrepo.errors import (
     InvalidContext,
@@ -211,11 +212,14 @@ def _plan_for(
     except ValueError as exc:
         raise fail(str(exc).removeprefix(f"{method}: "), found) from None
     cipher = None
-    if fields:
-        row = shape.row.target if shape.row is not None and shape.row.is_model else None
+    row = shape.row.target if shape.row is not None and shape.row.is_model else None
+    # A model field declared encrypted, read by a query without the directive, would be
+    # handed out as ciphertext: refused here as much as a directive without its model.
+    if fields or (row is not None and encrypted_fields(row)):
         problems = FieldCipher.problems(found, row)
         if problems:
             raise fail("; ".join(problems), found)
+    if fields:
         cipher = FieldCipher(method, found, row)
     arguments = None
     if cache is not None or spec.invalidates:

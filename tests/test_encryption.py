@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -18,14 +19,25 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from uuid import UUID
 
 import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
+from pydantic import BaseModel
 
-from hcrepo import ConfigError, Database, DecryptionFailed, Settings, UniqueViolation
+from hcrepo import (
+    ConfigError,
+    Database,
+    DecryptionFailed,
+    Encrypted,
+    Repository,
+    Settings,
+    SqlFileError,
+    UniqueViolation,
+    query,
+)
 from hcrepo.admin import migrate, rotation
 from hcrepo.compliance.keys import SettingsMasterKeys
 from hcrepo.config import server_options
@@ -602,3 +614,48 @@ def test_plaintext_ssns_are_moved_aside_by_the_migration_and_sealed_by_encrypt_e
         with app.context(clinic_id=clinic_b):
             found = PatientRepository(app).by_ssn(ssn="987654321")
             assert found is not None and found.ssn == ssns["d"]
+
+
+# --- declarations ---------------------------------------------------------------------------
+
+
+class _Secret(BaseModel):
+    id: UUID
+    secret: Annotated[str | None, Encrypted()]
+
+
+class _BadSecret(BaseModel):
+    id: UUID
+    secret: Annotated[int | None, Encrypted()]
+
+
+class _Anonymous(BaseModel):
+    secret: Annotated[str | None, Encrypted()]
+
+
+@pytest.mark.parametrize(("sql", "model", "tenant", "problem"), [
+    ("-- name: q\nSELECT id, secret FROM t WHERE id = :id", _Secret, True,
+     "_Secret.secret is declared Encrypted() but the query has no '-- encrypt: <table>.secret'"),
+    ("-- name: q\n-- encrypt: t.secret\nSELECT id, secret FROM t WHERE id = :id", _BadSecret,
+     True, "_BadSecret.secret is encrypted: its type must be str or str | None"),
+    ("-- name: q\n-- encrypt: t.secret\nSELECT secret FROM t", _Anonymous, True,
+     "_Anonymous needs an 'id' field"),
+    ("-- name: q\n-- encrypt: t.secret\nSELECT id, secret FROM t WHERE secret = :secret",
+     _Secret, True, "an encrypted parameter needs :id in the SQL"),
+    ("-- name: q\n-- encrypt: t.secret\nSELECT id, secret FROM t WHERE id = :id", _Secret,
+     False, "encrypted columns need a tenant-scoped repository"),
+])
+def test_inconsistent_encryption_declarations_fail_when_the_class_is_defined(
+    tmp_path: Path, sql: str, model: type[BaseModel], tenant: bool, problem: str
+) -> None:
+    path = tmp_path / "secrets.sql"
+    path.write_text(sql + "\n")
+    params = re.findall(r":(\w+)", sql.split("\n", 2)[-1])
+    signature = "".join(f", {name}: Any" for name in dict.fromkeys(params))
+    namespace: dict[str, Any] = {"Any": Any, "Model": model}
+    exec(f"def q(self{', *' if params else ''}{signature}) -> 'Model | None': ...", namespace)
+    with pytest.raises(SqlFileError) as caught:
+        type("Secrets", (Repository,), {"q": query("q")(namespace["q"]),
+                                        "__module__": __name__},
+             sql=str(path), tenant=tenant)
+    assert problem in str(caught.value)
