@@ -21,7 +21,8 @@ Command = Callable[[argparse.Namespace], int]
 
 DESCRIPTION = """\
 Set up and maintain the PostgreSQL database behind hcrepo: create its roles, apply its
-schema migrations, and check an application's queries against the live schema."""
+schema migrations, check an application's queries against the live schema, and rotate the
+keys of encrypted columns."""
 
 EPILOG = """\
 first deployment on a PostgreSQL that is already running (docs/deploying.md):

@@ -1,13 +1,5 @@
-"""`hcrepo keys {status,rotate}`: the data keys of encrypted columns, as the owner role.
-
-`rotate --master` re-wraps every data key under the current HCREPO_MASTER_KEY (put the new
-key there and the old one in HCREPO_MASTER_KEY_PREVIOUS first; remove the old one once this
-has run). `rotate --data` gives each clinic a new data key version and re-encrypts its
-values in small batches while the application keeps reading and writing; run it again
-after an interruption and it finishes what was left. `status` counts the values each data
-key version still protects. `encrypt-existing` seals the plaintext SSNs the field-encryption
-migration moved aside.
-"""
+"""`hcrepo keys {status,rotate,encrypt-existing}`: the keys of encrypted columns, as the
+owner role (hcrepo.admin.rotation does the work)."""
 
 from __future__ import annotations
 
@@ -22,19 +14,30 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from hcrepo.admin import check, rotation
 from hcrepo.admin.connect import connect
+from hcrepo.cli.check import DEFAULT_MODULES
 from hcrepo.cli.migrate import migration_target, positive
 from hcrepo.compliance.keys import BLIND_INDEX_KEY, MASTER_KEY, MasterKeys
 from hcrepo.config import Settings
 from hcrepo.errors import ConfigError
 from hcrepo.sqlfile import Column
 
-DEFAULT_MODULES = ("hcrepo.healthcare",)
+DESCRIPTION = """\
+The keys of encrypted columns, as the owner role (HCREPO_OWNER_URL, or --database), with
+HCREPO_MASTER_KEY set.
+
+`rotate --master` re-wraps every data key under the current HCREPO_MASTER_KEY (put the new
+key there and the old one in HCREPO_MASTER_KEY_PREVIOUS first; remove the old one once this
+has run). `rotate --data` gives each clinic a new data key version and re-encrypts its
+values in small batches while the application keeps reading and writing; run it again
+after an interruption and it finishes what was left. `status` counts the values each data
+key version still protects. `encrypt-existing` seals the plaintext SSNs the field-encryption
+migration moved aside."""
 
 
 def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     keys_parser = commands.add_parser(
         "keys", help="data keys of encrypted columns: status and online rotation",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     actions = keys_parser.add_subparsers(required=True, title="actions")
     common = argparse.ArgumentParser(add_help=False)
