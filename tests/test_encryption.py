@@ -24,6 +24,8 @@ from uuid import UUID
 
 import psycopg
 import pytest
+import redis
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from psycopg.conninfo import make_conninfo
 from pydantic import BaseModel
 
@@ -39,12 +41,15 @@ from hcrepo import (
     query,
 )
 from hcrepo.admin import migrate, rotation
+from hcrepo.cache.codec import ValueCodec, read_header
 from hcrepo.compliance.keys import SettingsMasterKeys
 from hcrepo.config import server_options
 from hcrepo.healthcare import Patient, PatientRepository
 from hcrepo.sqlfile import Column
+from hcrepo.testing import RedisCluster
 from tests.plugins.database import APP_PASSWORD, FreshDatabase
 from tests.plugins.database import Database as ServerDatabase
+from tests.support.cache import ENCRYPTION_KEY, CachedDatabase, Counts, value_keys
 from tests.support.cli import assert_one_line, hcrepo
 from tests.support.repos import Clinic, new_clinic
 
@@ -659,3 +664,26 @@ def test_inconsistent_encryption_declarations_fail_when_the_class_is_defined(
                                         "__module__": __name__},
              sql=str(path), tenant=tenant)
     assert problem in str(caught.value)
+
+
+def test_the_cache_holds_the_ciphertext_and_every_hit_decrypts(
+    cached_db: CachedDatabase, migrated_db: ServerDatabase, clinic: Clinic,
+    raw_redis: redis.Redis | RedisCluster,
+) -> None:
+    db = cached_db(database_url=role_url(migrated_db.app_url, "doctor"),
+                   HCREPO_MASTER_KEY=MASTER, HCREPO_BLIND_INDEX_KEY=BLIND)
+    with scope(db, clinic):
+        created = create(db, SSN)
+    with scope(db, clinic):  # the next request: no write of its own to wait for
+        hits = Counts("get_patient")
+        patients = PatientRepository(db)
+        assert [patients.get(id=created.id) for _ in range(3)] == [created] * 3
+        assert hits["hits"] == 2
+    keys = value_keys(raw_redis, db.settings.cache_key_prefix, "get_patient")
+    assert len(keys) == 1
+    raw = raw_redis.get(keys[0])
+    assert isinstance(raw, bytes)
+    codec = ValueCodec(Patient | None, AESGCM(base64.b64decode(ENCRYPTION_KEY)))
+    cached = codec.decode(raw, read_header(raw), key=keys[0].decode())
+    assert cached is not None and cached.ssn == stored(migrated_db, created.id)[0]
+    assert cached.ssn.startswith("hc1:") and SSN not in cached.model_dump_json()
