@@ -81,10 +81,6 @@ class FieldCipher:
                          f"'-- generate: {ROW_ID}' for a new row): values are bound to their row")
         return found
 
-    @staticmethod
-    def wanted(query: SqlQuery) -> bool:
-        return bool(query.encrypted)
-
     def signature(self, params: tuple[str, ...]) -> set[str]:
         """The SQL parameters a method declares: without the ones made here, with the
         arguments that only feed a blind index."""

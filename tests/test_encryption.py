@@ -687,3 +687,21 @@ def test_the_cache_holds_the_ciphertext_and_every_hit_decrypts(
     cached = codec.decode(raw, read_header(raw), key=keys[0].decode())
     assert cached is not None and cached.ssn == stored(migrated_db, created.id)[0]
     assert cached.ssn.startswith("hc1:") and SSN not in cached.model_dump_json()
+
+
+def test_a_stream_that_meets_a_bad_ciphertext_fails_there_and_frees_its_connection(
+    doctor: Database, clinic: Clinic, migrated_db: ServerDatabase
+) -> None:
+    with scope(doctor, clinic):
+        rows = sorted((create(doctor, fake_ssn(n)) for n in range(4)), key=lambda p: p.id)
+    with superuser(migrated_db) as conn:  # the third row gets the first row's ciphertext
+        conn.execute("UPDATE patients SET ssn = %s, ssn_bidx = %s WHERE id = %s",
+                     [stored(migrated_db, rows[0].id)[0], b"\x22" * 32, rows[2].id])
+    seen = []
+    with scope(doctor, clinic), pytest.raises(DecryptionFailed):
+        for patient in PatientRepository(doctor).stream_all():
+            seen.append(patient)
+    assert seen == rows[:2]
+    for _ in range(4):  # more reads than the pool has connections: the stream gave its back
+        with scope(doctor, clinic):
+            assert PatientRepository(doctor).get(id=rows[1].id) == rows[1]
