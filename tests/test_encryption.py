@@ -591,10 +591,20 @@ def test_plaintext_ssns_are_moved_aside_by_the_migration_and_sealed_by_encrypt_e
             ids[name] = row[0]
     migrate.apply(db.owner_url, setting="owner URL")
     migrate.set_role_password(db.owner_url, migrate.APP_ROLE, APP_PASSWORD)
+
+    def plaintext() -> list[tuple[Any, ...]]:
+        with psycopg.connect(db.superuser_url) as conn:
+            return conn.execute("SELECT mrn, ssn FROM patients WHERE ssn IS NOT NULL"
+                                " ORDER BY mrn").fetchall()
+
     with psycopg.connect(db.superuser_url) as conn:
-        assert conn.execute("SELECT count(*) FROM patients WHERE ssn IS NOT NULL"
-                            ).fetchone() == (0,)
         assert conn.execute("SELECT count(*) FROM patients_plaintext_ssn").fetchone() == (4,)
+    assert plaintext() == []
+    # Rolled back before anything was encrypted, the SSNs go back where they were.
+    assert migrate.rollback(db.owner_url, setting="owner URL") == ["0009_field_encryption"]
+    assert plaintext() == sorted(ssns.items())
+    migrate.apply(db.owner_url, setting="owner URL")
+    assert plaintext() == []
     blind = Settings(database_url=db.app_url, HCREPO_BLIND_INDEX_KEY=BLIND).blind_index()
     assert blind is not None
     result = rotation.encrypt_existing(owner(db), SettingsMasterKeys(MASTER), blind, batch=2)
@@ -610,6 +620,9 @@ def test_plaintext_ssns_are_moved_aside_by_the_migration_and_sealed_by_encrypt_e
     assert all(row[0].startswith("hc1:1:") for row in stored_ssns) and len(stored_ssns) == 2
     settings = Settings(database_url=role_url(db.app_url, "doctor"), redis_url="", pool_min=1,
                         pool_max=2, HCREPO_MASTER_KEY=MASTER, HCREPO_BLIND_INDEX_KEY=BLIND)
+    # Once SSNs are encrypted, the rollback refuses: it would lose them.
+    with pytest.raises(migrate.MigrationFailed):
+        migrate.rollback(db.owner_url, setting="owner URL")
     with Database(settings) as app:
         with app.context(clinic_id=clinic_a):
             found = PatientRepository(app).by_ssn(ssn="123 45 6789")
