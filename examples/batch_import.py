@@ -121,8 +121,13 @@ def import_batch(uow: UnitOfWork, rows: Sequence[Row]) -> list[Rejected]:
         try:
             with uow.savepoint():
                 patients.create(**row.patient.model_dump())
-        except UniqueViolation:
-            rejected.append(Rejected(row.line, "mrn: the clinic already has this MRN"))
+        except UniqueViolation as error:
+            # The SSN is unique per clinic through its blind index (patients_clinic_ssn_bidx_key).
+            what = "ssn: another patient has this SSN" if "ssn" in (error.constraint or "") \
+                else "mrn: the clinic already has this MRN"
+            rejected.append(Rejected(row.line, what))
+        except TypeError:  # hcrepo names the argument, never the value
+            rejected.append(Rejected(row.line, "ssn: digits, spaces and dashes only"))
         except DatabaseError as error:
             rejected.append(Rejected(row.line, f"refused by the database ({error.sqlstate})"))
     return rejected

@@ -4,6 +4,7 @@ This module is the whole public API; everything else is internal.
 """
 
 from hcrepo.config import RoutingPolicy, Settings
+from hcrepo.crypto.keys import MasterKeys
 from hcrepo.database import Database
 from hcrepo.errors import (
     ActorRequired,
@@ -12,6 +13,7 @@ from hcrepo.errors import (
     ConfigError,
     ConnectionLost,
     DatabaseError,
+    DecryptionFailed,
     ExclusionViolation,
     ForeignKeyViolation,
     HcrepoError,
@@ -30,7 +32,7 @@ from hcrepo.errors import (
     UniqueViolation,
     WriteOutsideUnitOfWork,
 )
-from hcrepo.phi.fields import PHI
+from hcrepo.phi.fields import PHI, Encrypted
 from hcrepo.phi.logs import MaskingFilter, mask_record
 from hcrepo.phi.masking import mask
 from hcrepo.phi.patients import PatientId
@@ -50,6 +52,8 @@ __all__ = [
     "Context",
     "Database",
     "DatabaseError",
+    "DecryptionFailed",
+    "Encrypted",
     "ExclusionViolation",
     "ForeignKeyViolation",
     "HcrepoError",
@@ -58,6 +62,7 @@ __all__ = [
     "InvalidRow",
     "InvalidToken",
     "MaskingFilter",
+    "MasterKeys",
     "NotFound",
     "PageSizeExceeded",
     "PatientId",

@@ -28,6 +28,8 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from hcrepo import durations
+from hcrepo.crypto.blind_index import BlindIndex
+from hcrepo.crypto.keys import SettingsMasterKeys, key_bytes, parse_versioned
 from hcrepo.errors import ConfigError
 
 # Durations accept units (`500ms`, `2s`, `1.5min`); a bare number is in the field's unit.
@@ -147,6 +149,13 @@ class Settings(BaseSettings):
     # before 1.21 in transaction mode): every statement is then parsed unnamed, in its batch.
     prepared_statements: bool = _setting("HCREPO_PREPARED_STATEMENTS", True)
 
+    # Field encryption (hcrepo.compliance): the current master key, `[version:]base64` of 32
+    # bytes; the previous ones, `version:base64,...`, until `hcrepo keys rotate --master`
+    # has re-wrapped every data key; the root key of the blind indexes, base64 of 32 bytes.
+    master_key: SecretStr | None = _setting("HCREPO_MASTER_KEY", None)
+    master_key_previous: SecretStr | None = _setting("HCREPO_MASTER_KEY_PREVIOUS", None)
+    blind_index_key: SecretStr | None = _setting("HCREPO_BLIND_INDEX_KEY", None)
+
     slow_query_threshold_ms: Milliseconds = _setting("SLOW_QUERY_THRESHOLD", 500.0, ge=0)
 
     # The PHI access log (hcrepo.compliance.access_log). Off breaks HIPAA's access
@@ -222,6 +231,45 @@ class Settings(BaseSettings):
             return None
         cache_key_bytes(value.get_secret_value())
         return value
+
+    @field_validator("master_key")
+    @classmethod
+    def _master_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        if len(parse_versioned(value.get_secret_value(), default_version=1)) != 1:
+            raise ValueError("holds exactly one key (older ones go in "
+                             "HCREPO_MASTER_KEY_PREVIOUS)")
+        return value
+
+    @field_validator("master_key_previous")
+    @classmethod
+    def _master_key_previous(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        parse_versioned(value.get_secret_value(), default_version=None)
+        return value
+
+    @field_validator("blind_index_key")
+    @classmethod
+    def _blind_index_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        key_bytes(value.get_secret_value())
+        return value
+
+    def master_keys(self) -> SettingsMasterKeys | None:
+        """The master keys of HCREPO_MASTER_KEY(_PREVIOUS); None when no key is set."""
+        if self.master_key is None:
+            return None
+        previous = self.master_key_previous
+        return SettingsMasterKeys(self.master_key.get_secret_value(),
+                                  previous.get_secret_value() if previous else "")
+
+    def blind_index(self) -> BlindIndex | None:
+        if self.blind_index_key is None:
+            return None
+        return BlindIndex(key_bytes(self.blind_index_key.get_secret_value()))
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> Self:

@@ -21,6 +21,8 @@ from hcrepo import tenancy
 from hcrepo.cache import Cache
 from hcrepo.compliance.access_log import AccessLog
 from hcrepo.config import Settings
+from hcrepo.crypto.keyring import Keyring
+from hcrepo.crypto.keys import MasterKeys
 from hcrepo.driver_errors import RETRYABLE_SQLSTATES
 from hcrepo.errors import (
     ConnectionLost,
@@ -38,6 +40,7 @@ from hcrepo.execution import (
     run_or_translate,
     stream_rows,
 )
+from hcrepo.key_store import PrimaryKeyStore
 from hcrepo.observer import Observer
 from hcrepo.ops import metrics
 from hcrepo.pipeline import PRIMARY, HcConnection, Statement
@@ -64,12 +67,18 @@ POSITION_SQL = (
 class Database:
     """`Database.from_env()` or `Database(Settings(...))`; use as a context manager."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, master_keys: MasterKeys | None = None) -> None:
+        """`master_keys` replaces the master keys of the settings (`HCREPO_MASTER_KEY`):
+        a KMS client implementing `hcrepo.MasterKeys`."""
         self.settings = settings
         self._router = Router(settings)
         self._cache: Cache | None = Cache.from_settings(settings)
         self._access = AccessLog.from_settings(settings)
         self.observer = Observer(settings.slow_query_threshold_ms)
+        self.keyring = Keyring(
+            master_keys or settings.master_keys(), PrimaryKeyStore(lambda: self._router.primary),
+            settings.blind_index(),
+        )
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Database:
@@ -339,6 +348,7 @@ class Database:
                                                   uow.positions),
             observer=self.observer,
             access=self._access,
+            keyring=self.keyring,
         )
 
     def transaction(

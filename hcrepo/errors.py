@@ -146,6 +146,12 @@ class CommitOutcomeUnknown(DatabaseError):
     """The connection broke while COMMIT was in flight: the write may or may not exist."""
 
 
+class DecryptionFailed(HcrepoError):
+    """An encrypted field could not be decrypted: bound to another clinic or row, altered, not
+    a ciphertext, or sealed under a data key that is not available. Names the query, table
+    and column, never the value."""
+
+
 class PoolTimeout(HcrepoError):
     """No connection could be had from a pool in time."""
 

@@ -26,6 +26,7 @@ from uuid import UUID
 from pydantic import PydanticUserError
 
 from hcrepo import sqlfile, tenancy
+from hcrepo.crypto.keyring import Keyring
 from hcrepo.errors import (
     InvalidContext,
     SqlFileError,
@@ -33,8 +34,10 @@ from hcrepo.errors import (
 )
 from hcrepo.observer import Observer
 from hcrepo.phi import patients as patient_ids
+from hcrepo.phi.fields import encrypted_fields
 from hcrepo.plan import Arguments, CacheSpec, Plan, QuerySpec, type_name
 from hcrepo.results import Many, shape_for
+from hcrepo.sealing import FieldCipher
 from hcrepo.tenancy import Context
 
 P = ParamSpec("P")
@@ -50,6 +53,10 @@ class Runner(Protocol):
     @property
     def fixed_context(self) -> Context | None:
         """The context every call runs with regardless of the ambient one (a unit of work's)."""
+
+    @property
+    def keyring(self) -> Keyring:
+        """Data keys and the blind index, for methods with encrypted columns."""
 
     def run(self, plan: Plan, args: tuple[Any, ...], sql: str) -> Any: ...
 
@@ -144,9 +151,9 @@ class Repository:
             spec: QuerySpec | None = getattr(fn, "__hcrepo_query__", None)
             if spec is None:
                 continue
-            plan = _plan_for(cls, attribute, fn, spec, queries)
+            plan, cipher = _plan_for(cls, attribute, fn, spec, queries)
             cls.__plans__[attribute] = plan
-            setattr(cls, attribute, _method(plan, fn))
+            setattr(cls, attribute, _method(plan, fn, cipher))
 
 
 def _resolve_sql_path(cls: type, sql: str) -> Path:
@@ -165,7 +172,7 @@ def _plan_for(
     fn: Callable[..., Any],
     spec: QuerySpec,
     queries: dict[str, sqlfile.SqlQuery],
-) -> Plan:
+) -> tuple[Plan, FieldCipher | None]:
     method = f"{cls.__name__}.{attribute}"
     code = getattr(fn, "__code__", None)
     where = f"{code.co_filename}:{code.co_firstlineno}" if code else method
@@ -186,7 +193,14 @@ def _plan_for(
     if positional:
         raise fail(f"parameters must be keyword-only (add '*'): {', '.join(positional)}", found)
     declared = {p.name for p in parameters}
+    fields = bool(found.encrypted or found.generated)
+    if fields and not getattr(cls, "__tenant_scoped__", True):
+        raise fail("encrypted columns need a tenant-scoped repository (data keys are per "
+                   "clinic)", found)
     in_sql = set(found.params) | ({found.order_by.param} if found.order_by else set())
+    if fields:
+        in_sql = FieldCipher(method, found, None).signature(found.params) | (
+            {found.order_by.param} if found.order_by else set())
     if declared - in_sql:
         raise fail(f"parameters the SQL lacks: {', '.join(sorted(declared - in_sql))}", found)
     if in_sql - declared:
@@ -207,6 +221,16 @@ def _plan_for(
         shape = shape_for(hints["return"], returns_rows=found.returns_rows, where=method)
     except ValueError as exc:
         raise fail(str(exc).removeprefix(f"{method}: "), found) from None
+    cipher = None
+    row = shape.row.target if shape.row is not None and shape.row.is_model else None
+    # A model field declared encrypted, read by a query without the directive, would be
+    # handed out as ciphertext: refused here as much as a directive without its model.
+    if fields or (row is not None and encrypted_fields(row)):
+        problems = FieldCipher.problems(found, row)
+        if problems:
+            raise fail("; ".join(problems), found)
+    if fields:
+        cipher = FieldCipher(method, found, row)
     arguments = None
     if cache is not None or spec.invalidates:
         arguments = _cache_contract(method, found, spec, cache, hints,
@@ -229,9 +253,10 @@ def _plan_for(
         )
     elif spec.patient_id_field or spec.patient_id_param:
         raise fail("patient_id_field= and patient_id_param= need phi=True", found)
-    return Plan(query=found, method=method, shape=shape, spec=spec, cache=cache,
+    plan = Plan(query=found, method=method, shape=shape, spec=spec, cache=cache,
                 defaults=defaults, tenant_scoped=tenant_scoped, arguments=arguments,
                 patients=patients)
+    return plan, cipher
 
 
 def _cache_contract(
@@ -331,24 +356,11 @@ def _samples(annotation: Any) -> list[Any]:
     return [_SAMPLES[annotation]] if annotation in _SAMPLES else []
 
 
-def _method(plan: Plan, declared: Callable[..., Any]) -> Callable[..., Any]:
-    bind = plan.bind
+def _method(
+    plan: Plan, declared: Callable[..., Any], cipher: FieldCipher | None = None
+) -> Callable[..., Any]:
+    call = _plain_call(plan) if cipher is None else _sealed_call(plan, cipher)
     streams = plan.shape.streams
-
-    def call(self: Repository, kwargs: dict[str, Any]) -> Any:
-        args, sql = bind(kwargs)
-        runner = self._runner
-        started = perf_counter()
-        try:
-            if self._explicit is None:
-                return runner.run(plan, args, sql)
-            with tenancy.use(**self._explicit):
-                return runner.run(plan, args, sql)
-        except BaseException as error:
-            runner.observer.failed(plan, error)
-            raise
-        finally:
-            runner.observer.finished(plan, perf_counter() - started)
 
     def method(self: Repository, **kwargs: Any) -> Any:
         # The public boundary: errors leave without hcrepo's frames (they hold the arguments)
@@ -366,6 +378,61 @@ def _method(plan: Plan, declared: Callable[..., Any]) -> Callable[..., Any]:
     method.__doc__ = declared.__doc__
     method.__wrapped__ = declared  # type: ignore[attr-defined]
     return method
+
+
+def _plain_call(plan: Plan) -> Callable[[Repository, dict[str, Any]], Any]:
+    bind = plan.bind
+
+    def call(self: Repository, kwargs: dict[str, Any]) -> Any:
+        args, sql = bind(kwargs)
+        runner = self._runner
+        started = perf_counter()
+        try:
+            if self._explicit is None:
+                return runner.run(plan, args, sql)
+            with tenancy.use(**self._explicit):
+                return runner.run(plan, args, sql)
+        except BaseException as error:
+            runner.observer.failed(plan, error)
+            raise
+        finally:
+            runner.observer.finished(plan, perf_counter() - started)
+
+    return call
+
+
+def _sealed_call(plan: Plan, cipher: FieldCipher) -> Callable[[Repository, dict[str, Any]], Any]:
+    """The call of a plan with encrypted columns: arguments sealed for the clinic in context
+    before they are bound, the result opened for it (hcrepo.sealing). A call of
+    its own, so that every other plan's stays as it was."""
+    bind = plan.bind
+    defaults = plan.defaults
+
+    def sealed_run(runner: Runner, kwargs: dict[str, Any]) -> Any:
+        context = runner.fixed_context or tenancy.scope().context
+        plan.check_context(context)  # no clinic: refused before any key is looked up
+        clinic = context.clinic_id
+        assert clinic is not None
+        keyring = runner.keyring
+        args, sql = bind(cipher.seal({**defaults, **kwargs} if defaults else kwargs, clinic,
+                                     keyring))
+        return cipher.open(runner.run(plan, args, sql), clinic, keyring)
+
+    def call(self: Repository, kwargs: dict[str, Any]) -> Any:
+        runner = self._runner
+        started = perf_counter()
+        try:
+            if self._explicit is None:
+                return sealed_run(runner, kwargs)
+            with tenancy.use(**self._explicit):
+                return sealed_run(runner, kwargs)
+        except BaseException as error:
+            runner.observer.failed(plan, error)
+            raise
+        finally:
+            runner.observer.finished(plan, perf_counter() - started)
+
+    return call
 
 
 def _detaching(rows: Iterator[Any]) -> Iterator[Any]:

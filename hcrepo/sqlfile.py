@@ -2,12 +2,13 @@
 
 A file holds blocks that start with `-- name: <query>`; the comment lines right after it may
 carry directives (`-- timeout: 2s`, `-- order_by: sort = last_name, created_at`,
-`-- max_page: 200`, `-- kind: write`). A block is one SELECT (VALUES, set operations),
-INSERT, UPDATE, DELETE or MERGE: anything that outlives its transaction (SET, cursors,
-PREPARE, LISTEN, temporary objects, session advisory locks, set_config(..., false)) would stay
-on the pooled connection for the next clinic's request; transaction control, and the
-clinic, actor and role settings, are hcrepo's. A statement is a write when anything in its
-tree writes or locks rows.
+`-- max_page: 200`, `-- kind: write`, and for encrypted columns `-- encrypt: patients.ssn`,
+`-- blind_index: patients.ssn using digits`, `-- generate: id`: hcrepo.sealing).
+A block is one SELECT (VALUES, set operations), INSERT, UPDATE, DELETE or MERGE: anything
+that outlives its transaction (SET, cursors, PREPARE, LISTEN, temporary objects, session
+advisory locks, set_config(..., false)) would stay on the pooled connection for the next
+clinic's request; transaction control, and the clinic, actor and role settings, are hcrepo's.
+A statement is a write when anything in its tree writes or locks rows.
 
 Parameters are found with PostgreSQL's own lexer (pglast.scan), so casts, strings, comments,
 dollar quotes and `%` need no special cases, and are rewritten once to `$n` placeholders:
@@ -26,12 +27,19 @@ from typing import Any, NamedTuple
 from pglast import ast, enums, parser, visitors
 
 from hcrepo import durations
+from hcrepo.crypto.blind_index import NORMALISERS
 from hcrepo.errors import SqlFileError
 
 _NAME_LINE = re.compile(r"^\s*--\s*name\s*:\s*(?P<name>\S*)\s*$")
 _DIRECTIVE_LINE = re.compile(r"^\s*--\s*(?P<key>[a-z_]+)\s*:\s*(?P<value>.*?)\s*$")
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
-_DIRECTIVES = frozenset({"timeout", "order_by", "max_page", "kind"})
+_DIRECTIVES = frozenset({"timeout", "order_by", "max_page", "kind", "encrypt", "blind_index",
+                         "generate"})
+_COLUMN = re.compile(r"^(?P<table>[a-z_][a-z0-9_]*)\.(?P<column>[a-z_][a-z0-9_]*)$")
+_BLIND_INDEX = re.compile(
+    r"^(?P<table>[a-z_][a-z0-9_]*)\.(?P<column>[a-z_][a-z0-9_]*)(\s+using\s+(?P<using>\w+))?$"
+)
+BLIND_INDEX_SUFFIX = "_bidx"
 
 # What a block may hold: a statement whose effects end with its transaction.
 _QUERIES = (ast.SelectStmt, ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
@@ -73,6 +81,26 @@ class OrderBy(NamedTuple):
     columns: tuple[str, ...]
 
 
+class Column(NamedTuple):
+    """An encrypted column (`-- encrypt: table.column`)."""
+
+    table: str
+    column: str
+
+
+class BlindIndexed(NamedTuple):
+    """`-- blind_index: table.column using <normaliser>`: the SQL parameter
+    `:<column>_bidx` is the blind index of the method's argument `<column>`."""
+
+    table: str
+    column: str
+    normaliser: str
+
+    @property
+    def param(self) -> str:
+        return self.column + BLIND_INDEX_SUFFIX
+
+
 class SqlQuery(NamedTuple):
     """One named block of a `.sql` file, checked and rewritten."""
 
@@ -92,6 +120,10 @@ class SqlQuery(NamedTuple):
     variants: dict[str, str]
     sql_line: int
     """The file line where the statement's text starts (after directives and blank lines)."""
+    encrypted: tuple[Column, ...] = ()
+    blind_indexed: tuple[BlindIndexed, ...] = ()
+    generated: tuple[str, ...] = ()
+    """Parameters whose value hcrepo generates (a new row's UUID, known before sending)."""
 
     @property
     def source(self) -> str:
@@ -231,7 +263,47 @@ def _compile(block: _Block, path: str) -> SqlQuery:
         order_by=order_by,
         variants=variants,
         sql_line=block.body_line + _leading_lines(block.body),
+        **_field_directives(block, params, fail),
     )
+
+
+def _field_directives(block: _Block, params: tuple[str, ...], fail: Any) -> dict[str, Any]:
+    """`encrypt`, `blind_index` and `generate`, checked against each other and the SQL."""
+    encrypted: list[Column] = []
+    if "encrypt" in block.directives:
+        value, line = block.directives["encrypt"]
+        for item in (part.strip() for part in value.split(",")):
+            found = _COLUMN.match(item)
+            if found is None:
+                raise fail("encrypt must list table.column names", line, 1)
+            encrypted.append(Column(found["table"], found["column"]))
+    indexed: list[BlindIndexed] = []
+    if "blind_index" in block.directives:
+        value, line = block.directives["blind_index"]
+        for item in (part.strip() for part in value.split(",")):
+            found = _BLIND_INDEX.match(item)
+            if found is None:
+                raise fail("blind_index must read 'table.column [using normaliser]'", line, 1)
+            using = found["using"] or "text"
+            if using not in NORMALISERS:
+                raise fail(f"unknown normaliser {using!r} (known: "
+                           f"{', '.join(sorted(NORMALISERS))})", line, 1)
+            entry = BlindIndexed(found["table"], found["column"], using)
+            if Column(entry.table, entry.column) not in encrypted:
+                raise fail(f"blind_index of {item.split()[0]}, which encrypt does not list",
+                           line, 1)
+            if entry.param not in params:
+                raise fail(f"blind_index needs the parameter :{entry.param} in the SQL", line, 1)
+            indexed.append(entry)
+    generated: tuple[str, ...] = ()
+    if "generate" in block.directives:
+        value, line = block.directives["generate"]
+        generated = tuple(part.strip() for part in value.split(",") if part.strip())
+        for name in generated:
+            if name not in params:
+                raise fail(f"generate names :{name}, which the SQL does not use", line, 1)
+    return {"encrypted": tuple(encrypted), "blind_indexed": tuple(indexed),
+            "generated": generated}
 
 
 def _leading_lines(body: str) -> int:

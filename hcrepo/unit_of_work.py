@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 import psycopg
 
 from hcrepo import pipeline, tenancy
+from hcrepo.crypto.keyring import Keyring
 from hcrepo.driver_errors import translate
 from hcrepo.errors import (
     DatabaseError,
@@ -87,11 +88,13 @@ class UnitOfWork:
         read_only: bool = False,
         on_commit: Callable[[UnitOfWork], None] | None = None,
         observer: Observer | None = None,
+        keyring: Keyring,
         access: AccessLog | None = None,
     ) -> None:
         self.context = context
         self.observer = observer or Observer(slow_query_ms=0)
         self._access = access
+        self._keyring = keyring
         self.read_only = read_only
         self.isolation = isolation_level(isolation)
         self.committed = False
@@ -159,6 +162,11 @@ class UnitOfWork:
     def after_commit(self, hook: Callable[[], None]) -> None:
         """Run `hook` once COMMIT has succeeded; never after a rollback."""
         self._hooks.append(hook)
+
+    @property
+    def keyring(self) -> Keyring:
+        """The data keys of the `Database` that opened this unit."""
+        return self._keyring
 
     @property
     def fixed_context(self) -> Context:

@@ -1,16 +1,29 @@
 -- Patients of the current clinic (row-level security scopes every statement to it).
 
 -- name: get_patient
+-- encrypt: patients.ssn
 SELECT id, clinic_id, mrn, first_name, last_name, date_of_birth, sex, phone, email, address,
        ssn, created_at, updated_at
-FROM patients
+FROM patient_records
 WHERE id = :id
 
 -- name: get_patient_by_mrn
+-- encrypt: patients.ssn
 SELECT id, clinic_id, mrn, first_name, last_name, date_of_birth, sex, phone, email, address,
        ssn, created_at, updated_at
-FROM patients
+FROM patient_records
 WHERE mrn = :mrn
+
+-- name: get_patient_by_ssn
+-- encrypt: patients.ssn
+-- blind_index: patients.ssn using digits
+-- The SSN is never sent: only its blind index, which the UNIQUE (clinic_id, ssn_bidx)
+-- index finds. Staff who may not see SSNs find the patient, with ssn NULL (patient_records
+-- gives the ciphertext to the roles that may see it, 0009_field_encryption).
+SELECT id, clinic_id, mrn, first_name, last_name, date_of_birth, sex, phone, email, address,
+       ssn, created_at, updated_at
+FROM patient_records
+WHERE ssn_bidx = :ssn_bidx
 
 -- name: search_patients
 -- order_by: sort = last_name, first_name, date_of_birth, mrn, created_at
@@ -46,19 +59,32 @@ SELECT count(*)
 FROM patients
 
 -- name: stream_patients
+-- encrypt: patients.ssn
 -- Exports and batch jobs: every patient of the clinic, in id order, through a cursor.
 SELECT id, clinic_id, mrn, first_name, last_name, date_of_birth, sex, phone, email, address,
        ssn, created_at, updated_at
-FROM patients
+FROM patient_records
 ORDER BY id
 
 -- name: create_patient
-INSERT INTO patients (clinic_id, mrn, first_name, last_name, date_of_birth, sex, phone, email,
-                      address, ssn)
-VALUES (current_setting('app.clinic_id')::uuid, :mrn, :first_name, :last_name, :date_of_birth,
-        :sex, :phone, :email, :address, :ssn)
+-- encrypt: patients.ssn
+-- blind_index: patients.ssn using digits
+-- generate: id
+-- The id is made in the application: the SSN's ciphertext is bound to it before sending.
+-- The application role cannot read the ssn column, so the row's SSN comes back as sent.
+INSERT INTO patients (id, clinic_id, mrn, first_name, last_name, date_of_birth, sex, phone,
+                      email, address, ssn, ssn_bidx)
+VALUES (:id, current_setting('app.clinic_id')::uuid, :mrn, :first_name, :last_name,
+        :date_of_birth, :sex, :phone, :email, :address, :ssn, :ssn_bidx)
 RETURNING id, clinic_id, mrn, first_name, last_name, date_of_birth, sex, phone, email, address,
-          ssn, created_at, updated_at
+          :ssn::text AS ssn, created_at, updated_at
+
+-- name: set_patient_ssn
+-- encrypt: patients.ssn
+-- blind_index: patients.ssn using digits
+UPDATE patients
+SET ssn = :ssn, ssn_bidx = :ssn_bidx
+WHERE id = :id
 
 -- name: update_patient_contact
 UPDATE patients

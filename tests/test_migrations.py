@@ -53,7 +53,7 @@ FROM unnest(ARRAY['CONNECT', 'TEMPORARY']) AS privilege
 
 _TABLES = {
     "clinics", "users", "clinic_memberships", "patients", "providers", "appointments",
-    "encounters", "prescriptions",
+    "encounters", "prescriptions", "clinic_data_keys", "key_rotations", "patients_plaintext_ssn",
 }
 
 

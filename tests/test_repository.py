@@ -238,7 +238,7 @@ def test_driver_errors_do_not_echo_values(db: Database, seeded: Seed) -> None:
         assert existing is not None
         with pytest.raises(UniqueViolation) as unique:
             patients.create(mrn=existing.mrn, first_name=FAKE_PHI, last_name=FAKE_PHI,
-                            date_of_birth=date(1990, 1, 1), sex="other", ssn=FAKE_PHI)
+                            date_of_birth=date(1990, 1, 1), sex="other")
         assert unique.value.constraint == "patients_clinic_id_mrn_key"
         assert_no_phi(unique.value)
         assert existing.mrn not in str(unique.value)

@@ -105,6 +105,14 @@ def test_tenant_table_is_isolated(
 
     name = sql.Identifier(table)
     count = sql.SQL("SELECT count(*), count(*) FILTER (WHERE clinic_id <> %s) FROM {}")
+    readable = super_conn.execute("SELECT has_any_column_privilege(%s, %s, 'SELECT')",
+                                  [migrate.APP_ROLE, table]).fetchone()
+    if readable == (False,):
+        # Kept from the application altogether (plaintext waiting to be encrypted, say):
+        # its policies still isolate the owner's work by clinic.
+        with pytest.raises(psycopg.errors.InsufficientPrivilege), app_conn.transaction():
+            app_conn.execute(sql.SQL("SELECT count(*) FROM {}").format(name))
+        return
     for clinic in seeded.clinics:
         row = super_conn.execute(count.format(name), [clinic.id]).fetchone()
         assert row is not None
@@ -335,7 +343,9 @@ def test_app_role_has_only_the_table_privileges_it_needs(
         "clinics": read_write,
         "users": "SELECT",
         "clinic_memberships": "DELETE,INSERT,SELECT,UPDATE",
-        "patients": read_write,
+        # SELECT on every column but ssn (0009_field_encryption; patient_records gives it
+        # to the roles that may see it).
+        "patients": "INSERT,UPDATE",
         "providers": read_write,
         "appointments": read_write,
         "encounters": read_write,

@@ -200,7 +200,17 @@ def test_unterminated_string_is_a_tokenizer_error() -> None:
         ("-- name: a\nSELECT 1\n-- name: a\nSELECT 2", 3,
          "duplicate query name (first defined at line 1)"),
         ("-- name: a\n-- retries: 3\nSELECT 1", 2,
-         "unknown directive 'retries' (known: kind, max_page, order_by, timeout)"),
+         "unknown directive 'retries' (known: blind_index, encrypt, generate, kind, max_page, "
+         "order_by, timeout)"),
+        ("-- name: a\n-- encrypt: ssn\nSELECT 1", 2, "encrypt must list table.column names"),
+        ("-- name: a\n-- blind_index: patients.ssn\nSELECT :ssn_bidx", 2,
+         "blind_index of patients.ssn, which encrypt does not list"),
+        ("-- name: a\n-- encrypt: patients.ssn\n-- blind_index: patients.ssn\nSELECT :ssn", 3,
+         "blind_index needs the parameter :ssn_bidx in the SQL"),
+        ("-- name: a\n-- encrypt: patients.ssn\n-- blind_index: patients.ssn using soundex\n"
+         "SELECT :ssn_bidx", 3, "unknown normaliser 'soundex' (known: digits, text)"),
+        ("-- name: a\n-- generate: id\nSELECT 1", 2,
+         "generate names :id, which the SQL does not use"),
         ("-- name: a\n-- order_by: sort last_name\nSELECT 1", 2,
          "order_by must read '<param> = <column>, <column>, ...'"),
         ("-- name: a\n-- order_by: sort = last name\nSELECT 1", 2,

@@ -64,6 +64,20 @@ SELECT c.relname, a.attname, a.attnotnull
 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
 WHERE a.attrelid = %s AND a.attnum = %s
 """
+# A view's definition and the relations it reads (its rewrite rule's dependencies).
+_VIEW_SQL = """
+SELECT pg_get_viewdef(c.oid), array(
+    SELECT DISTINCT d.refobjid::regclass::text
+    FROM pg_rewrite r
+    JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+     AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> c.oid
+    WHERE r.ev_class = c.oid ORDER BY 1)
+FROM pg_class c WHERE c.oid = %s AND c.relkind = 'v'
+"""
+_ATTNUM_SQL = """
+SELECT a.attnum FROM pg_attribute a
+WHERE a.attrelid = to_regclass(%s) AND a.attname = %s AND NOT a.attisdropped
+"""
 _PRIVILEGE_SQL = """
 SELECT has_table_privilege(%(oid)s, %(privilege)s)
     OR (%(privilege)s <> 'DELETE' AND has_any_column_privilege(%(oid)s, %(privilege)s))
@@ -280,12 +294,61 @@ class _Checker:
                             f"{type_name(annotation)}")
 
     def _require_not_null(self, column: _Column, label: str, report: _Report) -> None:
-        if not column.table_oid:
+        source = self._base_column(column.table_oid, column.table_column)
+        if source is None:
             return  # an expression: PostgreSQL does not say whether it can be NULL
-        row = self.conn.execute(_NOT_NULL_SQL, [column.table_oid, column.table_column]).fetchone()
+        row = self.conn.execute(_NOT_NULL_SQL, list(source)).fetchone()
         if row is not None and not row[2]:
             report("error", f"column {column.name} ({row[0]}.{row[1]}) may be NULL "
                             f"but {label} is not Optional")
+
+    def _base_column(self, oid: int, attnum: int) -> tuple[int, int] | None:
+        """The table column a result column comes from, looking through views over one
+        relation whose column is a plain reference (patient_records); None for an
+        expression, which PostgreSQL says nothing about."""
+        for _ in range(8):  # a view of a view of ..., bounded
+            if not oid:
+                return None
+            view = self._view(oid)
+            if view is None:
+                return oid, attnum
+            definition, bases = view
+            if len(bases) != 1:
+                return None
+            statement = parser.parse_sql(definition)[0].stmt
+            targets = statement.targetList if isinstance(statement, ast.SelectStmt) else None
+            if not targets or not 0 < attnum <= len(targets):
+                return None
+            value = targets[attnum - 1].val
+            name = value.fields[-1] if isinstance(value, ast.ColumnRef) and value.fields else None
+            if not isinstance(name, ast.String):
+                return None
+            found = self.conn.execute(_ATTNUM_SQL, [bases[0], name.sval]).fetchone()
+            base = self.conn.execute("SELECT to_regclass(%s)::oid", [bases[0]]).fetchone()
+            if found is None or base is None:
+                return None
+            oid, attnum = int(base[0]), int(found[0])
+        return None
+
+    def _view(self, oid: int) -> tuple[str, list[str]] | None:
+        row = self.conn.execute(_VIEW_SQL, [oid]).fetchone()
+        return (str(row[0]), list(row[1])) if row is not None else None
+
+    def _read_relations(self, names: Iterable[str]) -> list[str]:
+        """`names` with the relations every view among them reads, so that the checks of
+        row-level security see the tables behind a view."""
+        found: list[str] = []
+        pending = sorted(names)
+        while pending:
+            name = pending.pop(0)
+            if name in found:
+                continue
+            found.append(name)
+            relation = self._relation(name)
+            view = self._view(relation[0]) if relation is not None and relation[2] == "v" \
+                else None
+            pending.extend(view[1] if view else [])
+        return found
 
     # -- parameters ------------------------------------------------------------------------
 
@@ -311,7 +374,7 @@ class _Checker:
         self, cls: type[Repository], query: sqlfile.SqlQuery, report: _Report
     ) -> None:
         needed = _privileges(query)
-        for table in sorted(query.tables):
+        for table in self._read_relations(query.tables):
             relation = self._relation(table)
             if relation is None:
                 continue  # a CTE name
@@ -337,7 +400,7 @@ class _Checker:
         independent = plan.cache.independent_of if plan.cache is not None else ()
         if not independent:
             return
-        for table in sorted(plan.query.tables):
+        for table in self._read_relations(plan.query.tables):
             relation = self._relation(table)
             if relation is None:
                 continue

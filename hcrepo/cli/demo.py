@@ -5,9 +5,10 @@ owner role, and from then on works only through hcrepo as the application role `
 two clinics are seeded through the healthcare repositories, each clinic sees only its own
 patients, a missing clinic is refused before any round trip, row-level security refuses a
 cross-clinic write, a read right after a write sees it while the replica's replay is paused,
-a cached read is invalidated by a commit, and a double booking is refused. Everything is
-removed on exit, on error too. Output names clinics, MRNs and counts, never PHI; a patient
-is printed once, as its repr masks it.
+a cached read is invalidated by a commit, a double booking is refused, and an SSN is stored
+encrypted and found through its blind index. Everything is removed on exit, on error too.
+Output names clinics, MRNs and counts, never PHI; a patient is printed once, as its repr
+masks it.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ CLINICS: dict[str, Sequence[tuple[str, str, str, str, Sex]]] = {
     ],
 }
 ACTOR = uuid.UUID("00000000-0000-4000-8000-00000000d3e0")  # the demo's staff member
+DEMO_SSN = "078-05-1120"  # a famously void SSN (printed on sample cards in 1938)
 MISSING_EXTRA = "the demo needs the testing extra: pip install 'hcrepo[testing]'"
 
 
@@ -87,9 +89,12 @@ def run(out: TextIO = sys.stdout) -> int:
             database_url=app_url, read_replica_urls=[replica_url], redis_url=redis.url,
             cache_encryption_key=base64.b64encode(secrets.token_bytes(32)).decode(),
             pool_min=1, pool_max=4, health_interval=0.2,
+            master_key=base64.b64encode(secrets.token_bytes(32)).decode(),
+            blind_index_key=base64.b64encode(secrets.token_bytes(32)).decode(),
         )
         with Database(settings) as db:
             _walk_through(db, out, replica, app_url)
+            _encrypted_ssn(db, out, conninfo_url(primary.superuser_url, dbname="hcrepo_demo"))
     out.write("\nservers stopped and removed\n")
     return 0
 
@@ -141,6 +146,27 @@ def _printed_masked(db: Database, clinic_id: UUID) -> str:
     with db.context(clinic_id=clinic_id):
         patient = PatientRepository(db).search(mrn="N-0002")[0]
     return f"a patient printed: {patient!r}\nits attribute patient.mrn: {patient.mrn}\n"
+
+
+def _encrypted_ssn(db: Database, out: TextIO, superuser_url: str) -> None:
+    """An SSN sealed in the application, what the database holds, and a search by another
+    spelling of it through the blind index. The SSN itself is never printed."""
+    with db.context(actor_id=ACTOR):
+        clinic = ClinicRepository(db).create(name="Demo Clinic East")
+    with db.context(clinic_id=clinic.id, actor_id=ACTOR):
+        patients = PatientRepository(db)
+        patient = patients.create(mrn="E-0001", first_name="Cipher", last_name="Example",
+                                  date_of_birth=date(1985, 5, 5), sex="other",
+                                  ssn=DEMO_SSN)
+        with psycopg.connect(superuser_url) as conn:
+            row = conn.execute("SELECT ssn FROM patients WHERE id = %s", [patient.id]).fetchone()
+        stored = str(row[0]) if row else ""
+        found = patients.by_ssn(ssn=DEMO_SSN.replace("-", " "))
+    out.write(f"\nSSN stored encrypted: the superuser reads {stored[:14]}... "
+              f"({'not the SSN' if DEMO_SSN[-4:] not in stored else 'PLAINTEXT'})\n")
+    out.write("patient found by its SSN spelled otherwise, through the blind index: "
+              f"{found.mrn if found else 'NOT FOUND'} (the SSN withheld: no doctor or admin "
+              "role in the context)\n")
 
 
 def _cache_hits(query: str) -> float:

@@ -45,7 +45,7 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     how_many = rollback.add_mutually_exclusive_group()
     # No default here: argparse cannot tell "--count 1" from an omitted --count otherwise,
     # and would let "--count 1 --all" through.
-    how_many.add_argument("--count", type=_positive, metavar="N", help="how many (default 1)")
+    how_many.add_argument("--count", type=positive, metavar="N", help="how many (default 1)")
     how_many.add_argument("--all", action="store_true", help="roll back every migration")
     rollback.add_argument("--yes", action="store_true",
                           help="do not ask before dropping tables or rolling back everything")
@@ -57,7 +57,7 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _migrate_apply(args: argparse.Namespace) -> int:
-    url, setting = _migration_target(args.database)
+    url, setting = migration_target(args.database)
     applied = migrate.apply(url, setting=setting)
     for migration_id in applied:
         print(f"applied {migration_id}")
@@ -67,7 +67,7 @@ def _migrate_apply(args: argparse.Namespace) -> int:
 
 
 def _migrate_rollback(args: argparse.Namespace) -> int:
-    url, setting = _migration_target(args.database)
+    url, setting = migration_target(args.database)
     undone = migrate.rollback(
         url, setting=setting, count=None if args.all else args.count or 1,
         confirm=None if args.yes else lambda plan: _confirm(plan, everything=args.all),
@@ -95,13 +95,13 @@ def _confirm(plan: migrate.RollbackPlan, *, everything: bool) -> None:
 
 
 def _migrate_list(args: argparse.Namespace) -> int:
-    url, setting = _migration_target(args.database)
+    url, setting = migration_target(args.database)
     for state in migrate.status(url, setting=setting):
         print(f"{'applied' if state.applied else 'pending'}  {state.id}")
     return 0
 
 
-def _migration_target(database: str | None) -> tuple[str, str]:
+def migration_target(database: str | None) -> tuple[str, str]:
     """The owner URL and the name of the setting it came from (for error messages)."""
     if database is not None:
         return database, "--database"
@@ -118,7 +118,7 @@ def _migration_target(database: str | None) -> tuple[str, str]:
     return settings.migration_url, "HCREPO_OWNER_URL" if settings.owner_url else "DATABASE_URL"
 
 
-def _positive(text: str) -> int:
+def positive(text: str) -> int:
     try:
         value = int(text)
     except ValueError:

@@ -21,7 +21,7 @@ from uuid import UUID
 
 from pydantic import ConfigDict
 
-from hcrepo.phi.fields import PHI
+from hcrepo.phi.fields import PHI, Encrypted
 from hcrepo.phi.patients import PatientId
 from hcrepo.phi.phi_model import PhiModel
 
@@ -73,7 +73,9 @@ class Patient(Row):
     phone: Annotated[str | None, PHI()]
     email: Annotated[str | None, PHI()]
     address: Annotated[str | None, PHI()]
-    ssn: Annotated[str | None, PHI()]
+    # Stored as ciphertext (sql/patients.sql: `-- encrypt: patients.ssn`); None for staff
+    # who may not see it.
+    ssn: Annotated[str | None, Encrypted()]
     created_at: datetime
     updated_at: datetime
 

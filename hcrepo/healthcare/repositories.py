@@ -109,6 +109,13 @@ class PatientRepository(Repository, sql=str(SQL / "patients.sql")):
     @query("get_patient_by_mrn", phi=True)
     def by_mrn(self, *, mrn: str) -> Patient | None: ...
 
+    @query("get_patient_by_ssn", phi=True)
+    def by_ssn(self, *, ssn: str) -> Patient | None:
+        """The patient with this SSN, in any spelling ("123-45-6789", "123 45 6789",
+        "123456789"), found through its blind index; `ssn` is None for staff who may not see
+        SSNs. TypeError when `ssn` is not digits, spaces and dashes."""
+        ...
+
     @query("search_patients", phi=True)
     def search(
         self,
@@ -157,6 +164,13 @@ class PatientRepository(Repository, sql=str(SQL / "patients.sql")):
     def update_contact(
         self, *, id: UUID, phone: str | None, email: str | None, address: str | None
     ) -> int: ...
+
+    @query("set_patient_ssn", phi=True, invalidates=["patient:{id}"],
+           patient_id_param="id")
+    def set_ssn(self, *, id: UUID, ssn: str | None) -> int:
+        """Store (encrypted, with its blind index) or clear the SSN; UniqueViolation when
+        another patient of the clinic has it."""
+        ...
 
     @query("update_patient_name", phi=True, invalidates=["patient:{id}"],
            patient_id_param="id")

@@ -177,7 +177,6 @@ def _seed_clinic(conn: psycopg.Connection[Any], name: str, *, patients: int) -> 
         patient = _insert(
             conn, "patients", clinic_id=clinic, mrn=f"{tag}-{n:03d}", first_name="Seed",
             last_name=f"Patient{n}", date_of_birth="1980-01-01", sex="unknown",
-            ssn="000-00-0000",
         )
         slot = start + timedelta(minutes=30 * n)
         appointment = _insert(

@@ -236,8 +236,8 @@ def fake_phi_patient(server: ServerDatabase, clinic_id: UUID) -> UUID:
     with psycopg.connect(server.superuser_url, autocommit=True) as conn:
         row = conn.execute(
             "INSERT INTO patients (clinic_id, mrn, first_name, last_name, date_of_birth, sex,"
-            " phone, ssn) VALUES (%s, %s, 'Fake', %s, DATE '1971-02-03', 'unknown',"
-            " '+1 555 0199', '123-45-6789') RETURNING id",
+            " phone) VALUES (%s, %s, 'Fake', %s, DATE '1971-02-03', 'unknown',"
+            " '+1 555 0199') RETURNING id",
             [clinic_id, f"phi-{uuid.uuid4().hex[:8]}", FAKE_PHI],
         ).fetchone()
     assert row is not None
