@@ -52,14 +52,11 @@ from tests.plugins.database import APP_PASSWORD, FreshDatabase
 from tests.plugins.database import Database as ServerDatabase
 from tests.support.cache import ENCRYPTION_KEY, CachedDatabase, Counts, value_keys
 from tests.support.cli import assert_one_line, hcrepo
+from tests.support.keys import new_key
 from tests.support.repos import Clinic, new_clinic
 
 SSN = "123-45-6789"
 SSN_COLUMNS = [Column("patients", "ssn")]
-
-
-def new_key() -> str:
-    return base64.b64encode(os.urandom(32)).decode()
 
 
 MASTER = new_key()

@@ -56,6 +56,7 @@ from hcrepo.ops import metrics
 from hcrepo.shipped import shipped_dir
 from tests.support.cache import CachedDatabase
 from tests.support.errors import exception_chain
+from tests.support.keys import new_key
 from tests.support.repos import Clinic
 
 START = datetime(2031, 2, 3, 10, tzinfo=UTC)
@@ -283,7 +284,9 @@ def test_no_seeded_value_reaches_a_log_record_or_a_metric(
     cached_db: CachedDatabase, clinic: Clinic, captured: Captured
 ) -> None:
     seeds = Seeds.new()
-    db = cached_db(slow_query_threshold_ms=0.001)  # every call is logged as slow
+    # every call is logged as slow; the SSN is sealed, its blind index computed
+    db = cached_db(slow_query_threshold_ms=0.001, HCREPO_MASTER_KEY=new_key(),
+                   HCREPO_BLIND_INDEX_KEY=new_key())
     errors = hcrepo_flow(db, clinic, seeds)
     hcrepo_only = captured.everything()
     assert [value for value in seeds.values() if value in hcrepo_only] == []
