@@ -32,7 +32,7 @@ from hcrepo.errors import (
 )
 from hcrepo.repository import Repository, cached, query
 from hcrepo.routing.consistency import InvalidToken
-from hcrepo.tenancy import Context, bind_context
+from hcrepo.tenancy import Context, EmergencyAccess, bind_context
 from hcrepo.unit_of_work import UnitOfWork
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "Context",
     "Database",
     "DatabaseError",
+    "EmergencyAccess",
     "ExclusionViolation",
     "ForeignKeyViolation",
     "HcrepoError",
