@@ -346,15 +346,26 @@ def _checked(clinic_id: object, actor_id: object, role: object,
     if actor_id is not UNSET:
         given["actor_id"] = _as_uuid(actor_id, "actor_id")
     if role is not UNSET:
-        if role is not None and role not in STAFF_ROLES:
-            raise InvalidContext(f"role must be one of {', '.join(sorted(STAFF_ROLES))} or None")
+        if role is not None and not (isinstance(role, str) and role in STAFF_ROLES):
+            raise InvalidContext(f"role must be one of {', '.join(sorted(STAFF_ROLES))} "
+                                 "or None")
         given["role"] = role
-    if emergency_reason is not UNSET:
+    if emergency_reason is None:  # explicitly none: an inherited break-glass ends here
+        given["emergency_reason"] = given["emergency_access_id"] = None
+    elif emergency_reason is not UNSET:
         # Only the shape is named: the reason is free text a clinician typed (invariant 7).
         if not isinstance(emergency_reason, str) or not emergency_reason.strip():
             raise InvalidContext("emergency_reason must say why: a non-blank string")
         given["emergency_reason"] = emergency_reason.strip()
+        if given.get("role") is not None:
+            _check_emergency_role(given["role"])
     return given
+
+
+def _check_emergency_role(role: str | None) -> None:
+    if role is not None and role not in EMERGENCY_ROLES:
+        raise InvalidContext("emergency access is for clinicians: role must be one of "
+                             f"{', '.join(sorted(EMERGENCY_ROLES))}")
 
 
 def _combine(outer: Context, given: Mapping[str, Any], recorder: Recorder | None,
@@ -362,13 +373,11 @@ def _combine(outer: Context, given: Mapping[str, Any], recorder: Recorder | None
     """`outer` with the fields `given`. An emergency stays in force only for the clinic,
     actor and role it was recorded for; a new reason is recorded now."""
     context = replace(outer, **given)
-    if "emergency_reason" not in given:
+    if given.get("emergency_reason") is None:
         if context.who != outer.who:
             context = replace(context, emergency_reason=None, emergency_access_id=None)
         return context
-    if context.role is not None and context.role not in EMERGENCY_ROLES:
-        raise InvalidContext("emergency access is for clinicians: role must be one of "
-                             f"{', '.join(sorted(EMERGENCY_ROLES))}")
+    _check_emergency_role(context.role)  # an inherited role too
     if context.clinic_id is None or context.actor_id is None:
         raise InvalidContext("emergency access needs a clinic_id and an actor_id")
     if recorder is None:
