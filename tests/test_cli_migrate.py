@@ -195,8 +195,9 @@ def test_a_rollback_that_drops_a_table_holding_rows_needs_yes(
     migrate.apply(db.owner_url, setting="owner URL")
     with psycopg.connect(db.superuser_url) as conn:
         conn.execute("INSERT INTO clinics (name) VALUES ('Rollback Clinic')")
-    # The clinical tables 0003 drops are empty: no question.
-    result = hcrepo("migrate", "rollback", "--count", "3", "--database", db.owner_url)
+    # The clinical tables 0003 drops (and what later migrations drop) are empty: no question.
+    later = str(len(MIGRATIONS) - 2)
+    result = hcrepo("migrate", "rollback", "--count", later, "--database", db.owner_url)
     assert (result.returncode, result.stderr) == (0, "")
     assert applied_now(db.owner_url) == MIGRATIONS[:2]
 
@@ -229,7 +230,7 @@ def test_a_terminal_is_asked_before_rolling_back_everything(
         os.close(terminal)
         os.close(child_side)
     assert result.returncode == status
-    assert result.stderr.startswith("hcrepo: this will roll back 0005_staff_and_session_state")
+    assert result.stderr.startswith(f"hcrepo: this will roll back {MIGRATIONS[-1]}")
     assert "Continue? [y/N] " in result.stderr
     if status:
         assert result.stdout == ""
