@@ -58,6 +58,11 @@ def test_demo_exits_0_and_shows_each_clinic_only_its_patients(scratch: Path) -> 
     assert "replica replay paused: sees the new phone" in out
     assert "another patient read three times: 2 served from Redis" in out
     assert "overlapping booking for the same provider: refused" in out
+    assert "receptionist: patient demographics shown, clinical note refused\n" in out
+    assert "receptionist claiming a doctor's role: refused by PostgreSQL (42501)\n" in out
+    assert ("nurse, another clinician's draft note: hidden\n"
+            "alert hook: break-glass by a nurse recorded in audit.emergency_access\n"
+            "nurse breaking the glass: the draft note is shown\n") in out
     # MRNs only: names and birth dates are PHI, even fake ones.
     for _mrn, first, last, born, _sex in (p for ps in demo.CLINICS.values() for p in ps):
         assert first not in out and last not in out and born not in out
