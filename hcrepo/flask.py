@@ -4,8 +4,8 @@ What a Flask app would otherwise write by hand:
 
 - one `Database` per worker process, opened on first use (after any fork: gunicorn
   `--preload` imports the app in the master) and closed at exit;
-- each request's clinic, actor and staff role, from a resolver (`from_g`, the default; `from_headers`;
-  `from_jwt`), put in force for the view with `db.context`;
+- each request's clinic, actor and staff role, from a resolver (`from_g`, the default;
+  `from_headers`; `from_jwt`), put in force for the view with `db.context`;
 - read-your-writes across requests: the token of a request that wrote travels in a cookie
   and a response header, and the next request carrying it reads inside `db.read_after`;
 - hcrepo errors as JSON responses holding the error class and its message (no values);

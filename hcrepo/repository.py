@@ -113,7 +113,10 @@ class Repository:
                  if value is not tenancy.UNSET}
         if not given:
             return
-        wanted = tenancy.resolve(**given)  # checks the values now, whatever the runner
+        # Checks the values now, whatever the runner.
+        wanted = tenancy.resolve(given.get("clinic_id", tenancy.UNSET),
+                                 given.get("actor_id", tenancy.UNSET),
+                                 given.get("role", tenancy.UNSET))
         fixed = runner.fixed_context
         if fixed is None:
             self._explicit = given

@@ -96,9 +96,8 @@ def test_a_claimed_role_the_actor_does_not_hold_is_refused(
     with db.context(clinic_id=staff.id, actor_id=staff.members["receptionist"], role="doctor"):
         with pytest.raises(RowSecurityViolation, match="does not hold the claimed staff role"):
             EncounterRepository(db).get(id=staff.signed_encounter_id)
-        with pytest.raises(RowSecurityViolation):
-            with db.unit_of_work() as uow:
-                EncounterRepository(uow).get(id=staff.signed_encounter_id)
+        with pytest.raises(RowSecurityViolation), db.unit_of_work() as uow:
+            EncounterRepository(uow).get(id=staff.signed_encounter_id)
 
 
 def test_the_role_travels_with_overrides_units_and_threads(
@@ -196,13 +195,12 @@ def test_break_glass_is_for_clinicians(
             db.context(clinic_id=staff.id, actor_id=member, role=role, emergency_reason=REASON)
         # With no role claimed hcrepo cannot tell: the database refuses to record it.
         block = db.context(clinic_id=staff.id, actor_id=member, emergency_reason=REASON)
-        with pytest.raises(RowSecurityViolation, match="for clinicians"):
-            with block:
-                pytest.fail("the block ran")
-        assert _recorded(migrated_db, member) == []
-    with pytest.raises(InvalidContext, match="needs a clinic_id and an actor_id"):
-        with db.context(clinic_id=staff.id, emergency_reason=REASON):
+        with pytest.raises(RowSecurityViolation, match="for clinicians"), block:
             pytest.fail("the block ran")
+        assert _recorded(migrated_db, member) == []
+    block = db.context(clinic_id=staff.id, emergency_reason=REASON)
+    with pytest.raises(InvalidContext, match="needs a clinic_id and an actor_id"), block:
+        pytest.fail("the block ran")
     assert alerts == []
 
 
@@ -240,9 +238,8 @@ def test_a_failing_alert_hook_refuses_the_block_but_the_use_stays_recorded(
     nurse = staff.members["nurse"]
     with Database(settings, on_emergency_access=page) as db:
         block = db.context(clinic_id=staff.id, actor_id=nurse, emergency_reason=REASON)
-        with pytest.raises(RuntimeError, match="pager down"):
-            with block:
-                pytest.fail("the block ran")
+        with pytest.raises(RuntimeError, match="pager down"), block:
+            pytest.fail("the block ran")
     assert len(_recorded(migrated_db, nurse)) == 1
 
 
@@ -332,9 +329,9 @@ def test_recording_needs_a_clinician_a_reason_and_a_context(
              (staff.members["nurse"], "   ", "needs a reason"),
              (staff.outsider, REASON, "for clinicians")]
     for actor, reason, refusal in cases:
-        with pytest.raises(psycopg.errors.InsufficientPrivilege, match=refusal):
-            with app_conn.transaction():
-                app_conn.execute("SELECT set_config('app.clinic_id', %s, true),"
-                                 " set_config('app.actor_id', %s, true)",
-                                 [str(staff.id), "" if actor is None else str(actor)])
-                app_conn.execute(record, [reason])
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match=refusal), \
+                app_conn.transaction():
+            app_conn.execute("SELECT set_config('app.clinic_id', %s, true),"
+                             " set_config('app.actor_id', %s, true)",
+                             [str(staff.id), "" if actor is None else str(actor)])
+            app_conn.execute(record, [reason])

@@ -233,10 +233,10 @@ def test_a_role_the_actor_does_not_hold_is_refused(
     not shown fewer rows; so is a doctor of another clinic claiming to be one here."""
     for actor in (staff.members["receptionist"], staff.outsider):
         with pytest.raises(psycopg.errors.InsufficientPrivilege,
-                           match=r"does not hold the claimed staff role \(app.role\)"):
-            with app_conn.transaction():
-                _act(app_conn, staff.id, actor, claimed)
-                app_conn.execute("SELECT count(*) FROM patients")
+                           match=r"does not hold the claimed staff role \(app.role\)"), \
+                app_conn.transaction():
+            _act(app_conn, staff.id, actor, claimed)
+            app_conn.execute("SELECT count(*) FROM patients")
 
 
 def test_an_actor_without_a_membership_sees_no_clinical_rows(
@@ -288,10 +288,10 @@ def test_staff_management_goes_through_an_admin(
 ) -> None:
     email = f"onboard-{uuid.uuid4().hex[:10]}@example.invalid"
     onboard = "SELECT id FROM onboard_staff(%s, 'New Nurse', 'nurse')"
-    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="admins"):
-        with app_conn.transaction():
-            _act(app_conn, staff.id, staff.members["doctor"], None)
-            app_conn.execute(onboard, [email])
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="admins"), \
+            app_conn.transaction():
+        _act(app_conn, staff.id, staff.members["doctor"], None)
+        app_conn.execute(onboard, [email])
     with app_conn.transaction():
         _act(app_conn, staff.id, staff.members["admin"], None)
         assert app_conn.execute(onboard, [email]).fetchone() is not None

@@ -21,9 +21,10 @@ replayed the commit yet, so it is returned but not stored.
 
 Who asks is part of the key: every policy input the database sees (`tenancy.POLICY_INPUTS`:
 the actor, the staff role and a recorded break-glass besides the clinic) is hashed into it
-(with no role claimed, the actor stands in for the role the database derives from it), unless the query declares
-`@cached(independent_of=...)`; hcrepo refuses that declaration for SQL that reads the setting,
-and `hcrepo check` reports it for tables whose row-level security policies do.
+(with no role claimed, the actor stands in for the role the database derives from it),
+unless the query declares `@cached(independent_of=...)`; hcrepo refuses that declaration for
+SQL that reads the setting, and `hcrepo check` reports it for tables whose row-level security
+policies do.
 
 Read-your-writes: each entry records a WAL position its value is known to reflect (the
 replica's replay position, or just below the primary's insert position, read before the
