@@ -24,8 +24,10 @@ from hcrepo import (
     query,
 )
 from hcrepo.healthcare import EncounterRepository, PatientRepository
+from hcrepo.testing import PostgresServer
 from tests.plugins.database import Database as ServerDatabase
-from tests.support.cache import CachedDatabase
+from tests.plugins.servers import WaitReplayed
+from tests.support.cache import CachedDatabase, until
 from tests.support.staff import StaffClinic, staff_clinic
 
 REASON = "patient unresponsive in the waiting room"
@@ -335,3 +337,32 @@ def test_recording_needs_a_clinician_a_reason_and_a_context(
                              " set_config('app.actor_id', %s, true)",
                              [str(staff.id), "" if actor is None else str(actor)])
             app_conn.execute(record, [reason])
+
+
+def test_a_break_glass_read_on_a_replica_waits_for_its_record(
+    migrated_db: ServerDatabase, staff: StaffClinic, pg_replica: PostgresServer,
+    wait_replayed: WaitReplayed,
+) -> None:
+    """The record is a write on the primary: its position is the block's, so a read that a
+    replica would answer without the record (and so without the break-glass) goes where it is
+    visible."""
+    nurse = staff.members["nurse"]
+    wait_replayed(pg_replica)
+    settings = Settings(database_url=migrated_db.app_url, redis_url="", pool_min=1, pool_max=2,
+                        read_replica_urls=[migrated_db.replica_app_url(pg_replica)])
+    with Database(settings) as db, \
+            psycopg.connect(migrated_db.replica_superuser_url(pg_replica),
+                            autocommit=True) as replica:
+        replica.execute("SELECT pg_wal_replay_pause()")
+        try:
+            until(lambda: replica.execute("SELECT pg_get_wal_replay_pause_state()")
+                  .fetchone() == ("paused",), what="replay to pause")
+            with db.context(clinic_id=staff.id, actor_id=nurse, emergency_reason=REASON) as ctx:
+                assert db.last_write_token() is not None
+                assert EncounterRepository(db).get(id=staff.draft_encounter_id) is not None
+            with psycopg.connect(migrated_db.replica_app_url(pg_replica)) as conn:
+                assert ctx.emergency_access_id is not None
+                assert _drafts_seen(conn, staff, nurse, REASON, ctx.emergency_access_id) == 0
+        finally:
+            replica.execute("SELECT pg_wal_replay_resume()")
+    wait_replayed(pg_replica)
