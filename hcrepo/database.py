@@ -53,6 +53,7 @@ R = TypeVar("R")
 
 _LIST_CLINICS = "/* hcrepo:for_each_clinic */ SELECT id FROM clinics ORDER BY id"
 _RECORD_EMERGENCY = "SELECT audit.record_emergency_access($1)::text"
+_ROLE_IN_FORCE = "SELECT hcrepo_staff_role()"
 _BEGIN = Statement("BEGIN")
 _COMMIT = Statement("COMMIT")
 # Sent before a cache fill's query: the WAL position its snapshot is known to reflect.
@@ -150,8 +151,8 @@ class Database:
         the block does), its position in the block's, so replica reads wait for it."""
         assert context.emergency_reason is not None  # tenancy checked it
         statements = [_BEGIN, context_statement(context),
-                      Statement(_RECORD_EMERGENCY, (context.emergency_reason,)), _COMMIT,
-                      fetch_lsn()]
+                      Statement(_RECORD_EMERGENCY, (context.emergency_reason,)),
+                      Statement(_ROLE_IN_FORCE), _COMMIT, fetch_lsn()]
         with self._router.primary.connection() as conn:
             ensure_open(conn, before="record_emergency_access", query="record_emergency_access")
             try:
@@ -161,11 +162,12 @@ class Database:
                 end_failed_transaction(conn)
                 raise
         access_id = UUID(results[2].get_value(0, 0).decode())
-        lsn = results[4].get_value(0, 0)
+        role = results[3].get_value(0, 0).decode()  # a recorded use has a clinician's role
+        lsn = results[5].get_value(0, 0)
         if lsn is not None:
             consistency.record(positions, self._router.cluster, lsn.decode())
         assert context.clinic_id is not None and context.actor_id is not None
-        access = EmergencyAccess(access_id, context.clinic_id, context.actor_id, context.role,
+        access = EmergencyAccess(access_id, context.clinic_id, context.actor_id, role,
                                  context.emergency_reason)
         if self._on_emergency_access is None:
             logger.warning("emergency access recorded in audit.emergency_access; no "

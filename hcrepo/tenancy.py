@@ -102,12 +102,13 @@ SHAREABLE_INPUTS = ("actor_id", "role")
 
 @dataclass(frozen=True, slots=True)
 class EmergencyAccess:
-    """One recorded break-glass, as the alert hook receives it: who, where, why; no PHI."""
+    """One recorded break-glass, as the alert hook receives it: who, in which staff role (the
+    one in force, claimed or the membership's), where, why; no PHI."""
 
     access_id: UUID
     clinic_id: UUID
     actor_id: UUID
-    role: str | None
+    role: str
     reason: str
 
     def __repr__(self) -> str:

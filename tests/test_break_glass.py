@@ -166,7 +166,7 @@ def test_break_glass_widens_a_clinicians_reads_and_is_recorded(
                                                staff.draft_encounter_id}
         with db.unit_of_work() as uow:
             assert EncounterRepository(uow).get(id=staff.draft_encounter_id) is not None
-    assert alerts == [EmergencyAccess(context.emergency_access_id, staff.id, nurse, role,
+    assert alerts == [EmergencyAccess(context.emergency_access_id, staff.id, nurse, "nurse",
                                       REASON)]
     assert REASON not in repr(alerts[0])
     assert _recorded(migrated_db, nurse) == [(context.emergency_access_id, staff.id, "nurse",
@@ -366,3 +366,15 @@ def test_a_break_glass_read_on_a_replica_waits_for_its_record(
         finally:
             replica.execute("SELECT pg_wal_replay_resume()")
     wait_replayed(pg_replica)
+
+
+def test_a_joined_transaction_with_another_break_glass_is_refused(
+    db: Database, staff: StaffClinic
+) -> None:
+    nurse = staff.members["nurse"]
+    with db.context(clinic_id=staff.id, actor_id=nurse, emergency_reason=REASON), \
+            db.unit_of_work() as uow:
+        assert db.transaction(lambda inner: inner is uow)
+        with db.context(emergency_reason=None), \
+                pytest.raises(InvalidContext, match="another emergency_access_id"):
+            db.transaction(lambda inner: None)
