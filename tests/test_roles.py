@@ -319,3 +319,26 @@ def test_the_policies_evaluate_the_role_once_per_statement(
         conn.rollback()
     assert len(rows) == 6
     assert calls == (1,)
+
+
+def test_the_role_functions_need_no_search_path_of_their_own(migrated_db: Database) -> None:
+    """hcrepo_scope_role(), hcrepo_staff_role() and hcrepo_emergency() run as their owner
+    without a SET search_path (migrations/0008 says why): that is safe only while the roles
+    that call them can create objects nowhere, so a search_path they set reaches nothing of
+    theirs."""
+    with psycopg.connect(migrated_db.superuser_url) as conn:
+        rows = conn.execute(
+            "SELECT n.nspname FROM pg_namespace n"
+            " WHERE has_schema_privilege('hcrepo_app', n.oid, 'CREATE')").fetchall()
+        database = conn.execute(
+            "SELECT has_database_privilege('hcrepo_app', current_database(), 'CREATE'),"
+            " has_database_privilege('hcrepo_app', current_database(), 'TEMPORARY')").fetchone()
+        functions = conn.execute(
+            "SELECT p.proname, p.prosecdef, p.proconfig, p.proowner::regrole::text,"
+            " has_function_privilege('public', p.oid, 'EXECUTE')"
+            " FROM pg_proc p WHERE p.proname IN"
+            " ('hcrepo_scope_role', 'hcrepo_staff_role', 'hcrepo_emergency') ORDER BY 1"
+        ).fetchall()
+    assert rows == [] and database == (False, False)
+    assert functions == [(name, True, None, "hcrepo_owner", False) for name in (
+        "hcrepo_emergency", "hcrepo_scope_role", "hcrepo_staff_role")]
