@@ -259,13 +259,14 @@ def test_a_role_claimed_without_an_actor_is_refused(
         app_conn.execute("SELECT count(*) FROM patients")
 
 
-def test_a_deactivated_user_holds_no_role(
+def test_a_removed_membership_takes_the_role_away(
     migrated_db: Database, app_conn: psycopg.Connection[Any]
 ) -> None:
     staff = staff_clinic(migrated_db.superuser_url)
+    nurse = staff.members["nurse"]
     with psycopg.connect(migrated_db.superuser_url, autocommit=True) as conn:
-        conn.execute("UPDATE users SET active = false WHERE id = %s", [staff.members["nurse"]])
-    _act(app_conn, staff.id, staff.members["nurse"], None)
+        conn.execute("DELETE FROM clinic_memberships WHERE user_id = %s", [nurse])
+    _act(app_conn, staff.id, nurse, None)
     assert app_conn.execute("SELECT count(*) FROM patients").fetchone() == (0,)
 
 
