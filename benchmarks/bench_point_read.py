@@ -59,7 +59,8 @@ class Patients(Repository, sql=str(SQL_FILE)):
 
 
 class UnscopedPatients(Repository, sql=str(SQL_FILE), tenant=False):
-    @query("get_patient", phi=True)
+    # Not phi=True: a PHI call is logged with its clinic, and this one has none.
+    @query("get_patient")
     def get(self, *, id: uuid.UUID) -> Patient | None: ...
 
 

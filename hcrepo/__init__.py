@@ -30,12 +30,18 @@ from hcrepo.errors import (
     UniqueViolation,
     WriteOutsideUnitOfWork,
 )
+from hcrepo.phi.fields import PHI
+from hcrepo.phi.logs import MaskingFilter, mask_record
+from hcrepo.phi.masking import mask
+from hcrepo.phi.patients import PatientId
+from hcrepo.phi.phi_model import PhiModel
 from hcrepo.repository import Repository, cached, query
 from hcrepo.routing.consistency import InvalidToken
 from hcrepo.tenancy import Context, EmergencyAccess, bind_context
 from hcrepo.unit_of_work import UnitOfWork
 
 __all__ = [
+    "PHI",
     "ActorRequired",
     "CheckViolation",
     "CommitOutcomeUnknown",
@@ -52,8 +58,11 @@ __all__ = [
     "InvalidOrderBy",
     "InvalidRow",
     "InvalidToken",
+    "MaskingFilter",
     "NotFound",
     "PageSizeExceeded",
+    "PatientId",
+    "PhiModel",
     "PoolTimeout",
     "QueryError",
     "Repository",
@@ -69,5 +78,7 @@ __all__ = [
     "WriteOutsideUnitOfWork",
     "bind_context",
     "cached",
+    "mask",
+    "mask_record",
     "query",
 ]

@@ -149,12 +149,31 @@ class Settings(BaseSettings):
 
     slow_query_threshold_ms: Milliseconds = _setting("SLOW_QUERY_THRESHOLD", 500.0, ge=0)
 
+    # The PHI access log (hcrepo.compliance.access_log). Off breaks HIPAA's access
+    # accounting: for tests and benchmarks only.
+    access_log: bool = _setting("ACCESS_LOG", True)
+    # How long a recorded read may wait in memory before it is written (what kill -9 loses),
+    # and how many waiting rows start a write at once.
+    access_log_flush_interval: Seconds = _setting("ACCESS_LOG_FLUSH_INTERVAL", 1.0, gt=0)
+    access_log_batch_rows: int = _setting("ACCESS_LOG_BATCH_ROWS", 1000, ge=1)
+    # Rows kept in memory while the primary cannot take them; beyond, they go to the spill
+    # file (0: every batch that fails is spilled at once).
+    access_log_max_buffered: int = _setting("ACCESS_LOG_MAX_BUFFERED", 10_000, ge=0)
+    # Directory of the spill files (0600, fsynced per batch); unset: rows past
+    # ACCESS_LOG_MAX_BUFFERED are dropped, counted and logged.
+    access_log_spill_dir: str | None = _setting("ACCESS_LOG_SPILL_DIR", None)
+
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be empty")
         return _check_url(value)
+
+    @field_validator("access_log_spill_dir")
+    @classmethod
+    def _spill_dir(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
 
     @field_validator("owner_url")
     @classmethod

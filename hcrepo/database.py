@@ -20,6 +20,7 @@ from prometheus_client import generate_latest
 
 from hcrepo import tenancy
 from hcrepo.cache import Cache
+from hcrepo.compliance.access_log import AccessLog
 from hcrepo.config import Settings
 from hcrepo.driver_errors import RETRYABLE_SQLSTATES
 from hcrepo.errors import (
@@ -40,7 +41,7 @@ from hcrepo.execution import (
 )
 from hcrepo.observer import Observer
 from hcrepo.ops import metrics
-from hcrepo.pipeline import HcConnection, Statement
+from hcrepo.pipeline import PRIMARY, HcConnection, Statement
 from hcrepo.routing import consistency
 from hcrepo.routing.router import Router
 from hcrepo.tenancy import Context, EmergencyAccess
@@ -81,6 +82,7 @@ class Database:
         self._on_emergency_access = on_emergency_access
         self._router = Router(settings)
         self._cache: Cache | None = Cache.from_settings(settings)
+        self._access = AccessLog.from_settings(settings)
         self.observer = Observer(settings.slow_query_threshold_ms)
 
     @classmethod
@@ -116,10 +118,16 @@ class Database:
         except HcrepoError as error:
             failure = error
         else:
+            if self._access is not None:
+                self._access.open()
             return
         raise detached(failure)  # a public boundary: hcrepo's frames hold the URLs
 
     def close(self) -> None:
+        """Write the PHI access log's rows (spilled if the primary cannot take them), then
+        close pools and the cache."""
+        if self._access is not None:
+            self._access.close()
         self._router.close()
         if self._cache is not None:
             self._cache.close()
@@ -226,16 +234,22 @@ class Database:
                     "would commit on its own (and again on every retry of the unit): give "
                     "the repository the unit, or write inside db.autonomous()"
                 )
-            return self._write(plan, args, sql, context, scope.writes)
-        if plan.shape.streams:
-            return self._stream(plan, args, sql, context, self._replay_needed(scope))
-        if plan.cache is not None and self._cache is not None:
+            value, served_by = self._write(plan, args, sql, context, scope.writes), PRIMARY
+        elif plan.shape.streams:
+            value, served_by = self._stream(plan, args, sql, context, self._replay_needed(scope))
+        elif plan.cache is not None and self._cache is not None:
             need = self._replay_needed(scope)
-            return self._cache.fetch(
+            value, served_by = self._cache.fetch(
                 plan, args, sql, context, scope.required(self._router.cluster),
                 lambda: self._read_positioned(plan, args, sql, context, need),
             )
-        return self._read(plan, args, sql, context, self._replay_needed(scope))
+        else:
+            value, served_by = self._read(plan, args, sql, context, self._replay_needed(scope))
+        patients, access = plan.patients, self._access
+        if patients is not None and access is not None:
+            # Recorded with the context and node of this call (compliance.access_log).
+            return access.seen(patients, context, args, value, served_by)
+        return value
 
     def _replay_needed(self, scope: tenancy.Scope) -> int:
         if not self._router.replicas:
@@ -244,23 +258,25 @@ class Database:
 
     def _read(
         self, plan: Plan, args: tuple[Any, ...], sql: str, context: Context, need: int
-    ) -> Any:
+    ) -> tuple[Any, str]:
+        """The value, and who answered it."""
         statements = [context_statement(context, plan.query.timeout_ms, read_only=True),
                       Statement(sql, args)]
 
-        def attempt(conn: HcConnection) -> Any:
+        def attempt(conn: HcConnection) -> tuple[Any, str]:
             results = run_or_translate(conn, statements, plan.name, plan.source,
                                        before=plan.name)
-            return plan.shape.build(results[-1], conn.transformer, plan.name, plan.source)
+            value = plan.shape.build(results[-1], conn.transformer, plan.name, plan.source)
+            return value, conn.served_by
 
         return self._router.read(attempt, need)
 
     def _read_positioned(
         self, plan: Plan, args: tuple[Any, ...], sql: str, context: Context, need: int
-    ) -> tuple[Any, int]:
-        """`_read` for the cache (`need` as there): (value, position), the value reflecting
-        every commit that a caller whose read-your-writes position is at most `position` must
-        see.
+    ) -> tuple[Any, int, str]:
+        """`_read` for the cache (`need` as there): (value, position, who answered), the
+        value reflecting every commit that a caller whose read-your-writes position is at most
+        `position` must see.
 
         A replica has everything up to its replay position. A primary fill whose insert
         position, read before its query, is past the one a writer read after its COMMIT began
@@ -272,15 +288,15 @@ class Database:
         statements = [context_statement(context, plan.query.timeout_ms, read_only=True),
                       Statement(POSITION_SQL), Statement(sql, args)]
 
-        def attempt(conn: HcConnection) -> tuple[Any, int]:
+        def attempt(conn: HcConnection) -> tuple[Any, int, str]:
             results = run_or_translate(conn, statements, plan.name, plan.source,
                                        before=plan.name)
             value = plan.shape.build(results[-1], conn.transformer, plan.name, plan.source)
             in_recovery, lsn = results[1].get_value(0, 0), results[1].get_value(0, 1)
             if lsn is None:  # a standby that has replayed nothing yet
-                return value, 0
+                return value, 0, conn.served_by
             seen = consistency.parse_lsn(lsn.decode())
-            return value, seen if in_recovery == b"\x01" else seen - 1
+            return value, seen if in_recovery == b"\x01" else seen - 1, conn.served_by
 
         return self._router.read(attempt, need)
 
@@ -351,7 +367,7 @@ class Database:
 
     def _stream(
         self, plan: Plan, args: tuple[Any, ...], sql: str, context: Context, need: int
-    ) -> Any:
+    ) -> tuple[Iterator[Any], str]:
         node = self._router.reader(need)  # chosen at call time: the context is captured now
         prefix = [Statement("BEGIN READ ONLY"), context_statement(context, plan.query.timeout_ms)]
 
@@ -359,7 +375,7 @@ class Database:
             with node.connection() as conn:
                 yield from stream_rows(conn, plan, args, sql, prefix, owns_tx=True)
 
-        return rows()
+        return rows(), node.served_by
 
     # -- units of work and transactions ----------------------------------------------------
 
@@ -389,6 +405,7 @@ class Database:
             on_commit=lambda uow: self._committed(uow.context, uow.invalidations, uow.commit_lsn,
                                                   uow.positions),
             observer=self.observer,
+            access=self._access,
         )
 
     def transaction(

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from loguru import logger
 from prometheus_client.metrics import Histogram
 
 from hcrepo.ops import metrics
+from hcrepo.phi.logs import logger
 
 if TYPE_CHECKING:
     from hcrepo.plan import Plan

@@ -29,6 +29,10 @@ _ABORTED = pq.ExecStatus.PIPELINE_ABORTED
 _STALE_PLAN = b"0A000"
 
 
+# What the access log records as the source of what the primary answered.
+PRIMARY = "primary"
+
+
 class Statement(NamedTuple):
     """One statement of a batch; the batch ends with one Sync (one implicit transaction)."""
 
@@ -55,6 +59,9 @@ class HcConnection(psycopg.Connection[Any]):
         self.statement_ids = itertools.count()
         self.named_statements = True
         self.transformer = Transformer.from_context(self)
+        # Who answers on this connection, as the access log records it: 'primary' or
+        # 'replica:<name>', set by the node that pools it (see routing.node).
+        self.served_by = "unknown"
 
 
 class PipelineError(Exception):

@@ -21,6 +21,7 @@ from hcrepo.errors import (
     PageSizeExceeded,
     TenantContextMissing,
 )
+from hcrepo.phi.patients import PatientIds
 from hcrepo.results import Shape
 from hcrepo.tenancy import Context
 
@@ -41,6 +42,9 @@ class QuerySpec(NamedTuple):
     name: str
     phi: bool
     invalidates: tuple[str, ...]
+    # Where the access log finds patient ids beyond the defaults (see phi.patients).
+    patient_id_field: str | None = None
+    patient_id_param: str | None = None
 
 
 class Arguments:
@@ -77,8 +81,8 @@ class Plan:
 
     __slots__ = (
         "arguments", "cache", "defaults", "invalidates", "is_write", "max_page", "method",
-        "name", "order", "page_index", "param_names", "phi", "query", "shape", "source", "sql",
-        "tenant_scoped",
+        "name", "order", "page_index", "param_names", "patients", "phi", "query", "shape", "source",
+        "sql", "tenant_scoped",
     )
 
     def __init__(
@@ -92,6 +96,7 @@ class Plan:
         defaults: dict[str, Any],
         tenant_scoped: bool,
         arguments: Arguments | None = None,
+        patients: PatientIds | None = None,
     ) -> None:
         self.query = query
         self.name = query.name
@@ -101,6 +106,8 @@ class Plan:
         self.shape = shape
         self.is_write = query.is_write
         self.phi = spec.phi
+        # Set exactly for `phi=True` queries: what the access log records of each call.
+        self.patients = patients
         self.invalidates = spec.invalidates
         self.cache = cache
         self.defaults = defaults

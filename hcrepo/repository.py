@@ -32,8 +32,9 @@ from hcrepo.errors import (
     detached,
 )
 from hcrepo.observer import Observer
+from hcrepo.phi import patients as patient_ids
 from hcrepo.plan import Arguments, CacheSpec, Plan, QuerySpec, type_name
-from hcrepo.results import shape_for
+from hcrepo.results import Many, shape_for
 from hcrepo.tenancy import Context
 
 P = ParamSpec("P")
@@ -58,11 +59,20 @@ def query(
     *,
     phi: bool = False,
     invalidates: Sequence[str] = (),
+    patient_id_field: str | None = None,
+    patient_id_param: str | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Bind a repository method to the query `name` of the class's SQL file."""
+    """Bind a repository method to the query `name` of the class's SQL file.
+
+    `phi=True`: every call is recorded in the PHI access log, with the ids of the patients
+    it shows: each row's field marked `PatientId()` or named `patient_id`, or the field
+    `patient_id_field` names; and the argument `patient_id`, or the one `patient_id_param`
+    names (a call about one patient that returns a rowcount, say).
+    """
 
     def mark(fn: Callable[P, R]) -> Callable[P, R]:
-        fn.__hcrepo_query__ = QuerySpec(name, phi, tuple(invalidates))  # type: ignore[attr-defined]
+        spec = QuerySpec(name, phi, tuple(invalidates), patient_id_field, patient_id_param)
+        fn.__hcrepo_query__ = spec  # type: ignore[attr-defined]
         return fn
 
     return mark
@@ -210,9 +220,24 @@ def _plan_for(
     defaults = {
         p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty
     }
+    tenant_scoped = getattr(cls, "__tenant_scoped__", True)
+    patients = None
+    if spec.phi:
+        if not tenant_scoped:
+            # The access log records the clinic of every PHI call (docs/architecture.md,
+            # invariant 8): a call with no clinic could not be recorded.
+            raise fail("phi=True on a repository defined with tenant=False", found)
+        patients = patient_ids.for_query(
+            found.name, row_type=shape.row.target if shape.row else None,
+            many=isinstance(shape, Many), streams=shape.streams, params=found.params,
+            field=spec.patient_id_field, param=spec.patient_id_param,
+            fail=lambda message: fail(message, found),
+        )
+    elif spec.patient_id_field or spec.patient_id_param:
+        raise fail("patient_id_field= and patient_id_param= need phi=True", found)
     return Plan(query=found, method=method, shape=shape, spec=spec, cache=cache,
-                defaults=defaults, tenant_scoped=getattr(cls, "__tenant_scoped__", True),
-                arguments=arguments)
+                defaults=defaults, tenant_scoped=tenant_scoped, arguments=arguments,
+                patients=patients)
 
 
 def _cache_contract(

@@ -42,10 +42,11 @@ from hcrepo.execution import (
     timeout_statements,
 )
 from hcrepo.observer import Observer
-from hcrepo.pipeline import HcConnection, PipelineError, Statement
+from hcrepo.pipeline import PRIMARY, HcConnection, PipelineError, Statement
 from hcrepo.tenancy import Context
 
 if TYPE_CHECKING:
+    from hcrepo.compliance.access_log import AccessLog
     from hcrepo.plan import Plan
     from hcrepo.routing.node import Node
 
@@ -87,9 +88,11 @@ class UnitOfWork:
         read_only: bool = False,
         on_commit: Callable[[UnitOfWork], None] | None = None,
         observer: Observer | None = None,
+        access: AccessLog | None = None,
     ) -> None:
         self.context = context
         self.observer = observer or Observer(slow_query_ms=0)
+        self._access = access
         self.read_only = read_only
         self.isolation = isolation_level(isolation)
         self.committed = False
@@ -203,6 +206,13 @@ class UnitOfWork:
     # -- running statements --------------------------------------------------------------
 
     def run(self, plan: Plan, args: tuple[Any, ...], sql: str) -> Any:
+        value = self._run(plan, args, sql)
+        patients, access = plan.patients, self._access
+        if patients is not None and access is not None:
+            return access.seen(patients, self.context, args, value, PRIMARY)
+        return value
+
+    def _run(self, plan: Plan, args: tuple[Any, ...], sql: str) -> Any:
         plan.check_context(self.context)
         conn = self._connection
         # Formatted before the statement is sent: a tag that cannot be made fails now, not

@@ -195,7 +195,8 @@ def test_a_rollback_that_drops_a_table_holding_rows_needs_yes(
     migrate.apply(db.owner_url, setting="owner URL")
     with psycopg.connect(db.superuser_url) as conn:
         conn.execute("INSERT INTO clinics (name) VALUES ('Rollback Clinic')")
-    # The clinical tables 0003 drops (and what later migrations drop) are empty: no question.
+    # The clinical tables 0003 drops, and those of the later migrations, are empty: no
+    # question.
     later = str(len(MIGRATIONS) - 2)
     result = hcrepo("migrate", "rollback", "--count", later, "--database", db.owner_url)
     assert (result.returncode, result.stderr) == (0, "")

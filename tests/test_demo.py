@@ -63,6 +63,8 @@ def test_demo_exits_0_and_shows_each_clinic_only_its_patients(scratch: Path) -> 
     assert ("nurse, another clinician's draft note: hidden\n"
             "alert hook: break-glass by a nurse recorded in audit.emergency_access\n"
             "nurse breaking the glass: the draft note is shown\n") in out
+    assert "a patient printed: PatientSummary(id=UUID(" in out and "first_name='***'" in out
+    assert "its attribute patient.mrn: N-0002\n" in out
     # MRNs only: names and birth dates are PHI, even fake ones.
     for _mrn, first, last, born, _sex in (p for ps in demo.CLINICS.values() for p in ps):
         assert first not in out and last not in out and born not in out

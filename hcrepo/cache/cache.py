@@ -48,7 +48,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from loguru import logger
 
 from hcrepo.cache.codec import (
     Unreadable,
@@ -61,6 +60,7 @@ from hcrepo.cache.store import REDIS_ERRORS, TOKEN_SIZE, RedisStore, new_token
 from hcrepo.config import Settings, cache_key_bytes
 from hcrepo.ops import metrics
 from hcrepo.ops.breaker import CircuitBreaker
+from hcrepo.phi.logs import logger
 from hcrepo.tenancy import Context
 
 if TYPE_CHECKING:
@@ -70,9 +70,13 @@ _POLL_FIRST, _POLL_MAX = 0.002, 0.05
 _TOMBSTONE = b"L"  # + a fresh token: never TOKEN_SIZE long, so it matches no entry
 
 
-Load = Callable[[], tuple[Any, int]]
-"""A database read returning (value, position): the value reflects every commit a caller
-whose `need` is at most `position` requires (see `Cache.fetch`)."""
+Loaded = tuple[Any, int, str]
+"""(value, position, served_by): the value reflects every commit a caller whose `need` is at
+most `position` requires (see `Cache.fetch`); `served_by` is who answered it, as the access
+log records it: the database node that read it, or SERVED_BY_CACHE."""
+Load = Callable[[], Loaded]
+"""A database read."""
+SERVED_BY_CACHE = "cache"
 
 
 class _Call(NamedTuple):
@@ -90,7 +94,7 @@ class _Flight:
     __slots__ = ("future", "superseded")
 
     def __init__(self) -> None:
-        self.future: Future[tuple[Any, int]] = Future()
+        self.future: Future[Loaded] = Future()
         self.superseded = False
 
 
@@ -150,8 +154,9 @@ class Cache:
         context: Context,
         need: int,
         load: Load,
-    ) -> Any:
-        """The plan's result for `args` in `context`, from Redis or from `load()`.
+    ) -> tuple[Any, str]:
+        """The plan's result for `args` in `context`, from Redis or from `load()`, and who
+        answered it (SERVED_BY_CACHE or the load's node).
 
         `need`: the WAL position (an int LSN, 0 for none) the caller's reads must reflect;
         an entry whose recorded position is lower is not served to this caller.
@@ -159,17 +164,17 @@ class Cache:
         spec = self._specs.get(plan, sql)
         if not isinstance(spec, Spec):
             spec.inc()  # the query's "not cached" counter
-            return load()[0]
+            return _answer(load())
         if self._invalidations.pending:
-            return self._bypass(spec, "invalidation_pending", load)[0]
+            return _answer(self._bypass(spec, "invalidation_pending", load))
         if not self._breaker.allow():
-            return self._bypass(spec, "redis_unavailable", load)[0]
+            return _answer(self._bypass(spec, "redis_unavailable", load))
         ns = self._keys.namespace(context.clinic_id, tenant_scoped=plan.tenant_scoped)
         try:
             entry = self._keys.entry(ns, spec.plan_id, context.clinic_id,
                                      [context.policy_value(name) for name in spec.keyed], args)
         except Uncacheable:
-            return self._bypass(spec, "uncacheable_arguments", load)[0]
+            return _answer(self._bypass(spec, "uncacheable_arguments", load))
         generations: list[str] = []
         if plan.cache is not None and plan.cache.tags:
             tag_key = self._keys.tag_key
@@ -180,18 +185,18 @@ class Cache:
             raw, *current = self._store.read([call.key, *generations])
         except REDIS_ERRORS as exc:
             self._redis_failed(spec.query, exc)
-            return self._bypass(spec, "redis_unavailable", load)[0]
+            return _answer(self._bypass(spec, "redis_unavailable", load))
         self._redis_ok()
         if raw is not None:
             served = self._serve(call, raw, current, refresh=True)
             if served is not _MISSING:
-                return served[0]
-        return self._miss(call)[0]
+                return _answer(served)
+        return _answer(self._miss(call))
 
     def _serve(self, call: _Call, raw: bytes, current: list[bytes | None], *,
                refresh: bool) -> Any:
-        """(value, position) of the entry if its generations are current and it reflects
-        the caller's writes (and a refresh if due); else _MISSING."""
+        """(value, position, SERVED_BY_CACHE) of the entry if its generations are current
+        and it reflects the caller's writes (and a refresh if due); else _MISSING."""
         spec = call.spec
         try:
             entry = read_header(raw)
@@ -213,12 +218,12 @@ class Cache:
             if self._beta <= 0 or now_ms - entry.load_us / 1000 * self._beta * math.log(
                 1.0 - random.random()
             ) < due:
-                return value, entry.position
+                return value, entry.position, SERVED_BY_CACHE
         if refresh:
             self._refresh(call)
-        return value, entry.position
+        return value, entry.position, SERVED_BY_CACHE
 
-    def _miss(self, call: _Call) -> tuple[Any, int]:
+    def _miss(self, call: _Call) -> Loaded:
         with self._mutex:
             flight = self._flights.get(call.key)
             leader = flight is None or flight.superseded
@@ -247,7 +252,7 @@ class Cache:
                 if self._flights.get(call.key) is flight:
                     del self._flights[call.key]
 
-    def _fill(self, call: _Call) -> tuple[Any, int]:
+    def _fill(self, call: _Call) -> Loaded:
         """Read the database under the key's lock, or wait for whoever holds it."""
         spec = call.spec
         deadline = 0.0
@@ -290,7 +295,7 @@ class Cache:
         return taken, tokens, lock_token
 
     def _await_fill(self, call: _Call, deadline: float) -> tuple[Any, bool]:
-        """Poll until the lock holder's value lands ((value, position), _) or the lock is free
+        """Poll until the lock holder's value lands (Loaded, _) or the lock is free
         (_, False); (_MISSING, True) when the deadline passed first."""
         pause = _POLL_FIRST
         while not self._closed.is_set():
@@ -310,11 +315,11 @@ class Cache:
 
     def _load_and_store(
         self, call: _Call, tokens: list[bytes], lock_token: bytes
-    ) -> tuple[Any, int]:
+    ) -> Loaded:
         spec = call.spec
         started = time.perf_counter()
         try:
-            value, position = call.load()
+            value, position, served_by = call.load()
         except BaseException:
             self._quietly(spec.query, self._store.release, call.lock, lock_token)
             raise
@@ -327,12 +332,12 @@ class Cache:
         except Exception:  # a value its declared type cannot serialize: do not cache it
             metrics.CACHE_ERRORS.labels(query=spec.query, kind="encode").inc()
             self._quietly(spec.query, self._store.release, call.lock, lock_token)
-            return value, position
+            return value, position, served_by
         stored = self._quietly(spec.query, self._store.store, call.key, call.lock,
                                call.generations, tokens, entry, spec.ttl_ms, lock_token)
         if stored:
             spec.counters.bytes_written.inc(len(entry))
-        return value, position
+        return value, position, served_by
 
     def _refresh(self, call: _Call) -> None:
         """Start the one background refresh of a stale value, unless one is running."""
@@ -437,7 +442,7 @@ class Cache:
     # -- plans -----------------------------------------------------------------------------
 
     @staticmethod
-    def _bypass(spec: Spec, reason: str, load: Load) -> tuple[Any, int]:
+    def _bypass(spec: Spec, reason: str, load: Load) -> Loaded:
         metrics.CACHE_BYPASSED.labels(query=spec.query, reason=reason).inc()
         return load()
 
@@ -451,6 +456,10 @@ class Cache:
         if refresher is not None:
             refresher.shutdown(wait=True, cancel_futures=True)
         self._store.close()
+
+
+def _answer(loaded: Loaded) -> tuple[Any, str]:
+    return loaded[0], loaded[2]
 
 
 def _after_fork_in_child() -> None:

@@ -12,10 +12,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from loguru import logger
-
 from hcrepo.cache.store import REDIS_ERRORS
 from hcrepo.ops import metrics
+from hcrepo.phi.logs import logger
 
 # Generation keys to retire, by namespace (its tags prefix); None: every one of them.
 Groups = dict[str, set[str] | None]

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, NamedTuple
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from loguru import logger
 from prometheus_client import Counter
 
 from hcrepo.cache.codec import CODEC_VERSION, ValueCodec, value_type
@@ -14,6 +13,7 @@ from hcrepo.cache.keys import plan_id
 from hcrepo.config import Settings
 from hcrepo.errors import ConfigError
 from hcrepo.ops import metrics
+from hcrepo.phi.logs import logger
 from hcrepo.tenancy import POLICY_INPUTS
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ cross-clinic write, a read right after a write sees it while the replica's repla
 a cached read is invalidated by a commit, a double booking is refused, a receptionist is
 refused a clinical note and a nurse breaks the glass to read one, recorded and alerted.
 Everything is removed on exit, on error too. Output names clinics, MRNs and counts, never
-PHI.
+PHI; a patient is printed once, as its repr masks it.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ CLINICS: dict[str, Sequence[tuple[str, str, str, str, Sex]]] = {
     ],
     "Demo Clinic South": [
         ("S-0001", "Fake", "Person", "2001-02-03", "unknown"),
-        ("S-0002", "Dummy", "Patient", "1969-07-20", "female"),
+        ("S-0002", "Dummy", "Examplesson", "1969-07-20", "female"),
     ],
 }
 FOUNDER = uuid.UUID("00000000-0000-4000-8000-00000000d3e0")  # registers the demo's clinics
@@ -119,7 +119,8 @@ def _walk_through(db: Database, out: TextIO, replica: PostgresServer, app_url: s
         out.write("no clinic context: refused by hcrepo before any round trip\n")
     north, south = clinics.values()
     _, admin, doctor = staffed["Demo Clinic North"]
-    out.write(f"North writing a patient into South: {_cross_write(app_url, north, south)}\n\n")
+    out.write(f"North writing a patient into South: {_cross_write(app_url, north, south)}\n")
+    out.write(_printed_masked(db, north) + "\n")
 
     with db.context(clinic_id=north, actor_id=doctor):
         patients = PatientRepository(db)
@@ -147,6 +148,13 @@ def _walk_through(db: Database, out: TextIO, replica: PostgresServer, app_url: s
     _roles(db, out, north, (admin, doctor), patient.id)
     served = {name: node["served"] for name, node in db.health()["nodes"].items()}
     out.write(f"reads served per node: {served}\n")
+
+
+def _printed_masked(db: Database, clinic_id: UUID) -> str:
+    """A row as a log line or a debugger prints it, PHI masked; attributes hold the values."""
+    with db.context(clinic_id=clinic_id):
+        patient = PatientRepository(db).search(mrn="N-0002")[0]
+    return f"a patient printed: {patient!r}\nits attribute patient.mrn: {patient.mrn}\n"
 
 
 def _cache_hits(query: str) -> float:

@@ -1,2 +1,2 @@
-"""HIPAA safeguards: what a model declares about its fields (PHI, encrypted), and the
-machinery built on those declarations."""
+"""HIPAA records: the PHI access log, and the machinery built on the PHI declarations of
+`hcrepo.phi`."""

@@ -3,15 +3,27 @@
 Field names are the column names of the queries in sql/*.sql and the types are the ones the
 driver produces for them; `hcrepo check` compares both with the live schema. Models are
 frozen: a row read once may be shared (cached) by many callers.
+
+Fields marked `PHI()` are masked in the models' repr and str, in `hcrepo.mask` and in log
+records. Marked: what identifies a patient (names, date of birth, SSN, contact details,
+MRN) and what is written about their health (notes, reasons, diagnosis codes, drug and
+dosage, the timeline's summary of those). Staff e-mails and names are not patients' PHI, but
+are personal data no log needs: marked too. Not marked: ids, clinic and provider directory
+data (public: names, specialties, NPIs), sex, statuses, counts, and the times of events,
+which a reader needs to follow a log and which identify no one without the masked fields.
 """
 
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import Literal
+from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
+
+from hcrepo.phi.fields import PHI
+from hcrepo.phi.patients import PatientId
+from hcrepo.phi.phi_model import PhiModel
 
 StaffRole = Literal["doctor", "nurse", "admin", "receptionist"]
 Sex = Literal["female", "male", "other", "unknown"]
@@ -20,7 +32,7 @@ PrescriptionStatus = Literal["active", "completed", "cancelled"]
 TimelineKind = Literal["appointment", "encounter", "prescription"]
 
 
-class Row(BaseModel):
+class Row(PhiModel):
     model_config = ConfigDict(frozen=True)
 
 
@@ -33,8 +45,8 @@ class Clinic(Row):
 
 class User(Row):
     id: UUID
-    email: str
-    full_name: str
+    email: Annotated[str, PHI()]
+    full_name: Annotated[str, PHI()]
     role: StaffRole
     active: bool
     created_at: datetime
@@ -44,24 +56,24 @@ class StaffMember(Row):
     """A user as a member of the current clinic (clinic_memberships joined with users)."""
 
     user_id: UUID
-    email: str
-    full_name: str
+    email: Annotated[str, PHI()]
+    full_name: Annotated[str, PHI()]
     role: StaffRole
     active: bool
 
 
 class Patient(Row):
-    id: UUID
+    id: Annotated[UUID, PatientId()]
     clinic_id: UUID
-    mrn: str
-    first_name: str
-    last_name: str
-    date_of_birth: date
+    mrn: Annotated[str, PHI()]
+    first_name: Annotated[str, PHI()]
+    last_name: Annotated[str, PHI()]
+    date_of_birth: Annotated[date, PHI()]
     sex: Sex
-    phone: str | None
-    email: str | None
-    address: str | None
-    ssn: str | None
+    phone: Annotated[str | None, PHI()]
+    email: Annotated[str | None, PHI()]
+    address: Annotated[str | None, PHI()]
+    ssn: Annotated[str | None, PHI()]
     created_at: datetime
     updated_at: datetime
 
@@ -69,11 +81,11 @@ class Patient(Row):
 class PatientSummary(Row):
     """What a search result list shows: no contact details, no SSN."""
 
-    id: UUID
-    mrn: str
-    first_name: str
-    last_name: str
-    date_of_birth: date
+    id: Annotated[UUID, PatientId()]
+    mrn: Annotated[str, PHI()]
+    first_name: Annotated[str, PHI()]
+    last_name: Annotated[str, PHI()]
+    date_of_birth: Annotated[date, PHI()]
     sex: Sex
 
 
@@ -97,7 +109,7 @@ class Appointment(Row):
     starts_at: datetime
     ends_at: datetime
     status: AppointmentStatus
-    reason: str | None
+    reason: Annotated[str | None, PHI()]
     created_at: datetime
     updated_at: datetime
 
@@ -109,8 +121,8 @@ class Encounter(Row):
     provider_id: UUID
     appointment_id: UUID | None
     occurred_at: datetime
-    note: str
-    diagnosis_codes: list[str]
+    note: Annotated[str, PHI()]
+    diagnosis_codes: Annotated[list[str], PHI()]
     signed_at: datetime | None
     created_at: datetime
 
@@ -121,14 +133,14 @@ class Prescription(Row):
     patient_id: UUID
     prescriber_id: UUID
     encounter_id: UUID | None
-    drug_name: str
-    dosage: str
+    drug_name: Annotated[str, PHI()]
+    dosage: Annotated[str, PHI()]
     frequency: str
     quantity: int
     refills: int
     status: PrescriptionStatus
     prescribed_at: datetime
-    notes: str | None
+    notes: Annotated[str | None, PHI()]
     created_at: datetime
 
 
@@ -140,4 +152,4 @@ class TimelineEntry(Row):
     occurred_at: datetime
     provider_id: UUID
     status: str | None
-    summary: str | None
+    summary: Annotated[str | None, PHI()]

@@ -152,12 +152,14 @@ class PatientRepository(Repository, sql=str(SQL / "patients.sql")):
         ssn: str | None = None,
     ) -> Patient: ...
 
-    @query("update_patient_contact", phi=True, invalidates=["patient:{id}"])
+    @query("update_patient_contact", phi=True, invalidates=["patient:{id}"],
+           patient_id_param="id")
     def update_contact(
         self, *, id: UUID, phone: str | None, email: str | None, address: str | None
     ) -> int: ...
 
-    @query("update_patient_name", phi=True, invalidates=["patient:{id}"])
+    @query("update_patient_name", phi=True, invalidates=["patient:{id}"],
+           patient_id_param="id")
     def rename(self, *, id: UUID, first_name: str, last_name: str) -> int: ...
 
     @query("patient_timeline", phi=True)

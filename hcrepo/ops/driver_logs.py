@@ -3,7 +3,8 @@
 hcrepo logs through loguru; the driver logs through stdlib `logging` (loggers `psycopg` and
 `psycopg.pool`). `route()` puts one handler on the `psycopg` logger that hands each record
 to loguru, prefixed with the logger's name, at the record's level and from the driver's own
-line. It is installed once per process, when hcrepo builds its first node.
+line, through the logger `route` is given (hcrepo's own, which masks PHI). It is installed
+once per process, when hcrepo builds its first node.
 
 - Level: a `psycopg` logger left at NOTSET is set to WARNING, so the pool's warnings (a
   failed connection attempt, a broken connection discarded) arrive and its per-checkout INFO
@@ -21,17 +22,23 @@ import logging
 import sys
 import threading
 from types import FrameType
+from typing import TYPE_CHECKING
 
-from loguru import logger
+from loguru import logger as _loguru
+
+if TYPE_CHECKING:
+    from loguru import Logger
 
 _DRIVER = "psycopg"
 _lock = threading.Lock()
 
 
 class _ToLoguru(logging.Handler):
+    into: Logger = _loguru
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            level: str | int = logger.level(record.levelname).name
+            level: str | int = self.into.level(record.levelname).name
         except ValueError:
             level = record.levelno
         # Attribute the record to the driver's line, not to the logging machinery.
@@ -39,16 +46,18 @@ class _ToLoguru(logging.Handler):
         depth = 0
         while frame is not None and (depth == 0 or frame.f_code.co_filename == logging.__file__):
             frame, depth = frame.f_back, depth + 1
-        logger.opt(depth=depth).log(level, "{}: {}", record.name, record.getMessage())
+        self.into.opt(depth=depth).log(level, "{}: {}", record.name, record.getMessage())
 
 
 HANDLER = _ToLoguru()
 
 
-def route() -> None:
-    """Install the handler on the `psycopg` logger unless it is there already."""
+def route(into: Logger) -> None:
+    """Install the handler on the `psycopg` logger unless it is there already; records go
+    to `into` (ops imports nothing of hcrepo, so the masking logger is handed in)."""
     driver = logging.getLogger(_DRIVER)
     with _lock:
+        HANDLER.into = into
         if HANDLER in driver.handlers:
             return
         if driver.level == logging.NOTSET:

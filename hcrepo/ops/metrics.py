@@ -78,3 +78,22 @@ SLOW_QUERIES = Counter(
     "hcrepo_slow_queries", "Repository calls slower than SLOW_QUERY_THRESHOLD", ["query"],
     registry=REGISTRY,
 )
+
+# --- PHI access log (hcrepo.compliance.access_log) ----------------------------------------
+
+ACCESS_LOG_ROWS = Counter(
+    "hcrepo_access_log_rows",
+    "PHI access log rows by what became of them: written to the primary, spilled to disk, "
+    "replayed from a spill file, or dropped (memory full and no spill directory)",
+    ["outcome"], registry=REGISTRY,
+)
+ACCESS_LOG_ERRORS = Counter(
+    "hcrepo_access_log_errors",
+    "Failures of the PHI access log: writing to the primary, spilling, replaying, or "
+    "reading patient ids off a result (the read itself was answered)",
+    ["kind"], registry=REGISTRY,
+)
+ACCESS_LOG_WAITING = Gauge(
+    "hcrepo_access_log_waiting", "PHI access log rows in memory, not yet written",
+    registry=REGISTRY,
+)

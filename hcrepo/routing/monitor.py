@@ -9,10 +9,10 @@ import time
 from collections.abc import Callable, Sequence
 
 import psycopg
-from loguru import logger
 
 from hcrepo.config import Settings
 from hcrepo.ops.counters import Counter
+from hcrepo.phi.logs import logger
 from hcrepo.routing.health import Probe, ProbeBusy, WalHistory, describe_error
 from hcrepo.routing.node import Node
 

@@ -40,7 +40,6 @@ from typing import Any
 
 import psycopg
 import psycopg_pool
-from loguru import logger
 from psycopg.conninfo import conninfo_to_dict
 
 from hcrepo.config import Settings, connect_failure, server_options
@@ -48,7 +47,8 @@ from hcrepo.errors import PACKAGE_DIR, ConfigError, ConnectionLost, PoolTimeout
 from hcrepo.ops import driver_logs
 from hcrepo.ops.breaker import CLOSED, BreakerState, CircuitBreaker
 from hcrepo.ops.counters import Counter
-from hcrepo.pipeline import HcConnection
+from hcrepo.phi.logs import logger
+from hcrepo.pipeline import PRIMARY, HcConnection
 from hcrepo.routing.health import NodeHealth
 
 # The last two columns: a superuser or BYPASSRLS role is not subject to row-level security,
@@ -159,6 +159,8 @@ class Node:
         self.name = name
         self.url = url
         self.is_primary = is_primary
+        # The access log's `source` of a read this node answers.
+        self.served_by = PRIMARY if is_primary else f"replica:{name}"
         self.setting = "DATABASE_URL" if is_primary else "READ_REPLICA_URLS"
         self.address = address(url)
         self.health = NodeHealth(url, settings.health_timeout)
@@ -172,7 +174,7 @@ class Node:
         self._holders: dict[int, _Hold] = {}
         self._down_since: float | None = None
         _nodes.add(self)
-        driver_logs.route()
+        driver_logs.route(logger)
 
     @staticmethod
     def _new_breaker(settings: Settings) -> CircuitBreaker:
@@ -217,6 +219,7 @@ class Node:
 
     def _configure(self, conn: HcConnection) -> None:
         conn.named_statements = self._settings.prepared_statements
+        conn.served_by = self.served_by
         row = conn.execute(_ROLE_SQL).fetchone()
         assert row is not None  # a SELECT without FROM returns one row
         try:

@@ -22,7 +22,6 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from loguru import logger
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -31,6 +30,7 @@ from hcrepo.errors import ConfigError, ConnectionLost, DatabaseError, HcrepoErro
 from hcrepo.ops import metrics
 from hcrepo.ops.breaker import CLOSED
 from hcrepo.ops.counters import Counters
+from hcrepo.phi.logs import logger
 from hcrepo.pipeline import HcConnection
 from hcrepo.routing.monitor import HealthMonitor
 from hcrepo.routing.node import Node, address

@@ -1,0 +1,3 @@
+-- Placeholder on the access log's branch (see 0006_audit.sql).
+DROP TABLE audit.access_log;
+DROP SCHEMA audit;
