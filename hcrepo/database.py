@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
 import tenacity
-from loguru import logger
 from prometheus_client import generate_latest
 
 from hcrepo import tenancy
@@ -41,6 +40,7 @@ from hcrepo.execution import (
 )
 from hcrepo.observer import Observer
 from hcrepo.ops import metrics
+from hcrepo.phi.logs import logger
 from hcrepo.pipeline import PRIMARY, HcConnection, Statement
 from hcrepo.routing import consistency
 from hcrepo.routing.router import Router
