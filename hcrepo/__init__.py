@@ -39,7 +39,7 @@ from hcrepo.phi.patients import PatientId
 from hcrepo.phi.phi_model import PhiModel
 from hcrepo.repository import Repository, cached, query
 from hcrepo.routing.consistency import InvalidToken
-from hcrepo.tenancy import Context, bind_context
+from hcrepo.tenancy import Context, EmergencyAccess, bind_context
 from hcrepo.unit_of_work import UnitOfWork
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "Database",
     "DatabaseError",
     "DecryptionFailed",
+    "EmergencyAccess",
     "Encrypted",
     "ExclusionViolation",
     "ForeignKeyViolation",

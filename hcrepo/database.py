@@ -43,10 +43,11 @@ from hcrepo.execution import (
 from hcrepo.key_store import PrimaryKeyStore
 from hcrepo.observer import Observer
 from hcrepo.ops import metrics
+from hcrepo.phi.logs import logger
 from hcrepo.pipeline import PRIMARY, HcConnection, Statement
 from hcrepo.routing import consistency
 from hcrepo.routing.router import Router
-from hcrepo.tenancy import Context
+from hcrepo.tenancy import Context, EmergencyAccess
 from hcrepo.unit_of_work import UnitOfWork, begin_statement
 
 if TYPE_CHECKING:
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
 R = TypeVar("R")
 
 _LIST_CLINICS = "/* hcrepo:for_each_clinic */ SELECT id FROM clinics ORDER BY id"
+_RECORD_EMERGENCY = "SELECT audit.record_emergency_access($1)::text"
+_ROLE_IN_FORCE = "SELECT hcrepo_staff_role()"
 _BEGIN = Statement("BEGIN")
 _COMMIT = Statement("COMMIT")
 # Sent before a cache fill's query: the WAL position its snapshot is known to reflect.
@@ -65,12 +68,24 @@ POSITION_SQL = (
 
 
 class Database:
-    """`Database.from_env()` or `Database(Settings(...))`; use as a context manager."""
+    """`Database.from_env()` or `Database(Settings(...))`; use as a context manager.
 
-    def __init__(self, settings: Settings, *, master_keys: MasterKeys | None = None) -> None:
-        """`master_keys` replaces the master keys of the settings (`HCREPO_MASTER_KEY`):
-        a KMS client implementing `hcrepo.MasterKeys`."""
+    `on_emergency_access` is called with an `EmergencyAccess` each time a break-glass has been
+    recorded, before its block runs (a page to the privacy officer, say); an exception it
+    raises refuses the block, though the use stays recorded. `master_keys` replaces the
+    master keys of the settings (`HCREPO_MASTER_KEY`): a KMS client implementing
+    `hcrepo.MasterKeys`.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        on_emergency_access: Callable[[EmergencyAccess], None] | None = None,
+        master_keys: MasterKeys | None = None,
+    ) -> None:
         self.settings = settings
+        self._on_emergency_access = on_emergency_access
         self._router = Router(settings)
         self._cache: Cache | None = Cache.from_settings(settings)
         self._access = AccessLog.from_settings(settings)
@@ -81,8 +96,13 @@ class Database:
         )
 
     @classmethod
-    def from_env(cls, **overrides: Any) -> Database:
-        return cls(Settings.load(**overrides))
+    def from_env(
+        cls,
+        *,
+        on_emergency_access: Callable[[EmergencyAccess], None] | None = None,
+        **overrides: Any,
+    ) -> Database:
+        return cls(Settings.load(**overrides), on_emergency_access=on_emergency_access)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -129,11 +149,50 @@ class Database:
         *,
         clinic_id: UUID | str | None = tenancy.UNSET,
         actor_id: UUID | str | None = tenancy.UNSET,
+        role: str | None = tenancy.UNSET,
+        emergency_reason: str = tenancy.UNSET,
     ) -> tenancy.ContextBlock:
-        """Make clinic and actor ambient for the code the block runs, on this thread (nests;
-        another thread gets it through `bind_context`). The block also holds the
-        read-your-writes position of the commits made in it."""
-        return tenancy.use(clinic_id, actor_id)
+        """Make clinic, actor and staff role ambient for the code the block runs, on this
+        thread (nests; another thread gets it through `bind_context`). The block also holds
+        the read-your-writes position of the commits made in it.
+
+        `role` is one of doctor, nurse, admin, receptionist (None: the actor's membership
+        role in the clinic); PostgreSQL refuses a role the actor does not hold there.
+        `emergency_reason` breaks the glass: entering the block records the use
+        (audit.emergency_access, on the primary) and calls the `on_emergency_access` hook;
+        the database widens a clinician's reads only for a recorded use.
+        """
+        return tenancy.use(clinic_id, actor_id, role, emergency_reason, self._record_emergency)
+
+    def _record_emergency(self, context: Context, positions: tenancy.Positions) -> UUID:
+        """Record a break-glass in its own committed transaction (it must survive whatever
+        the block does), its position in the block's, so replica reads wait for it."""
+        assert context.emergency_reason is not None  # tenancy checked it
+        statements = [_BEGIN, context_statement(context),
+                      Statement(_RECORD_EMERGENCY, (context.emergency_reason,)),
+                      Statement(_ROLE_IN_FORCE), _COMMIT, fetch_lsn()]
+        with self._router.primary.connection() as conn:
+            ensure_open(conn, before="record_emergency_access", query="record_emergency_access")
+            try:
+                results = run_or_translate(conn, statements, "record_emergency_access",
+                                           "Database")
+            except DatabaseError:
+                end_failed_transaction(conn)
+                raise
+        access_id = UUID(results[2].get_value(0, 0).decode())
+        role = results[3].get_value(0, 0).decode()  # a recorded use has a clinician's role
+        lsn = results[5].get_value(0, 0)
+        if lsn is not None:
+            consistency.record(positions, self._router.cluster, lsn.decode())
+        assert context.clinic_id is not None and context.actor_id is not None
+        access = EmergencyAccess(access_id, context.clinic_id, context.actor_id, role,
+                                 context.emergency_reason)
+        if self._on_emergency_access is None:
+            logger.warning("emergency access recorded in audit.emergency_access; no "
+                           "on_emergency_access hook is set to raise an alert")
+        else:
+            self._on_emergency_access(access)
+        return access_id
 
     def autonomous(self) -> tenancy.Block:
         """A block whose writes through `db` commit on their own even while a unit of work is
@@ -337,11 +396,20 @@ class Database:
         read_only: bool = False,
         clinic_id: UUID | str | None = tenancy.UNSET,
         actor_id: UUID | str | None = tenancy.UNSET,
+        role: str | None = tenancy.UNSET,
+        emergency_reason: str = tenancy.UNSET,
     ) -> UnitOfWork:
-        """One primary transaction: `with db.unit_of_work() as uow: Repo(uow).method(...)`."""
+        """One primary transaction: `with db.unit_of_work() as uow: Repo(uow).method(...)`.
+        Context fields not given come from the ambient block; a break-glass given here is
+        recorded now, in its own transaction, as `db.context` does."""
+        context = tenancy.resolve(clinic_id, actor_id, role, emergency_reason,
+                                  self._record_emergency)
+        return self._unit(context, isolation, read_only)
+
+    def _unit(self, context: Context, isolation: str | None, read_only: bool) -> UnitOfWork:
         return UnitOfWork(
             self._router.primary,
-            tenancy.resolve(clinic_id, actor_id),
+            context,
             isolation=isolation,
             read_only=read_only,
             on_commit=lambda uow: self._committed(uow.context, uow.invalidations, uow.commit_lsn,
@@ -361,6 +429,7 @@ class Database:
         read_only: bool = False,
         clinic_id: UUID | str | None = tenancy.UNSET,
         actor_id: UUID | str | None = tenancy.UNSET,
+        role: str | None = tenancy.UNSET,
         **kwargs: Any,
     ) -> R:
         """Run `fn(uow, **kwargs)` in a unit of work, re-running it from the start on errors
@@ -368,13 +437,14 @@ class Database:
 
         Inside an open unit of work of the same thread it joins that one and leaves retrying
         to its owner; it refuses (`InvalidContext`) when it asks for another clinic, actor,
-        isolation or read-only mode than that unit has. Elsewhere (another thread, through
-        `bind_context`) it runs its own. Bad options are refused before anything is sent.
+        role, isolation or read-only mode than that unit has. Elsewhere (another thread,
+        through `bind_context`) it runs its own. Bad options are refused before anything is
+        sent. (A break-glass comes from the ambient `db.context` block.)
         """
         # The public boundary: errors leave without hcrepo's frames, which hold `kwargs`.
         try:
             return self._transaction(fn, retries, isolation, read_only,
-                                     tenancy.resolve(clinic_id, actor_id), kwargs)
+                                     tenancy.resolve(clinic_id, actor_id, role), kwargs)
         except Exception as error:
             failure = error
         raise detached(failure)
@@ -393,8 +463,6 @@ class Database:
         if isinstance(joined, UnitOfWork) and joined.joinable:
             joined.check_join(context, isolation, read_only)
             return fn(joined, **kwargs)
-        options: dict[str, Any] = {"isolation": isolation, "read_only": read_only,
-                                   "clinic_id": context.clinic_id, "actor_id": context.actor_id}
         units: list[UnitOfWork] = []
 
         def retryable(exc: BaseException) -> bool:
@@ -410,7 +478,7 @@ class Database:
         try:
             for attempt in retrying:
                 with attempt:
-                    units.append(self.unit_of_work(**options))
+                    units.append(self._unit(context, isolation, read_only))
                     with units[-1] as uow:
                         return fn(uow, **kwargs)
         except DatabaseError as exc:

@@ -1,4 +1,4 @@
-"""Statements every runner shares: the tenant/actor prefix, the commit LSN, streamed reads."""
+"""Statements every runner shares: the context prefix, the commit LSN, streamed reads."""
 
 from __future__ import annotations
 
@@ -19,13 +19,16 @@ from hcrepo.tenancy import Context
 if TYPE_CHECKING:
     from hcrepo.plan import Plan
 
+# One statement, so the staff role and a break-glass cost no round trip of their own.
 _SET_CONTEXT = (
-    "SELECT set_config('app.clinic_id', $1, true), set_config('app.actor_id', $2, true)"
+    "SELECT set_config('app.clinic_id', $1, true), set_config('app.actor_id', $2, true),"
+    " set_config('app.role', $3, true), set_config('app.emergency_reason', $4, true),"
+    " set_config('app.emergency_access_id', $5, true)"
 )
 # A read cannot write, whatever it calls: a VOLATILE function that inserts fails with 25006
 # instead of committing behind a query that failover and cache fills may run twice.
 _READ_ONLY = ", set_config('transaction_read_only', 'on', true)"
-_TIMEOUT = ", set_config('statement_timeout', $3, true)"
+_TIMEOUT = ", set_config('statement_timeout', $6, true)"
 _CONTEXT_TEXTS = {
     (read_only, timed): "".join(
         (_SET_CONTEXT, _READ_ONLY if read_only else "", _TIMEOUT if timed else "")
@@ -44,7 +47,8 @@ _cursor_ids = itertools.count(1)
 def context_statement(
     context: Context, timeout_ms: int | None = None, *, read_only: bool = False
 ) -> Statement:
-    """Transaction-local clinic and actor ('' = none, so RLS fails closed), always sent;
+    """Transaction-local clinic, actor, role and break-glass ('' = none, so RLS fails
+    closed), always sent;
     `read_only` makes the rest of the implicit transaction unable to write."""
     if timeout_ms is None:
         return Statement(_CONTEXT_TEXTS[read_only, False], context.settings)

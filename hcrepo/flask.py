@@ -4,8 +4,8 @@ What a Flask app would otherwise write by hand:
 
 - one `Database` per worker process, opened on first use (after any fork: gunicorn
   `--preload` imports the app in the master) and closed at exit;
-- each request's clinic and actor, from a resolver (`from_g`, the default; `from_headers`;
-  `from_jwt`), put in force for the view with `db.context`;
+- each request's clinic, actor and staff role, from a resolver (`from_g`, the default;
+  `from_headers`; `from_jwt`), put in force for the view with `db.context`;
 - read-your-writes across requests: the token of a request that wrote travels in a cookie
   and a response header, and the next request carrying it reads inside `db.read_after`;
 - hcrepo errors as JSON responses holding the error class and its message (no values);
@@ -87,10 +87,12 @@ class InvalidCredentials(HcrepoError):
 
 @dataclass(frozen=True, slots=True)
 class RequestContext:
-    """Who a request acts as: its clinic and (for writes) its actor."""
+    """Who a request acts as: its clinic, (for writes) its actor, and the staff role it
+    claims (None: the actor's membership role in the clinic)."""
 
     clinic_id: UUID | str
     actor_id: UUID | str | None = None
+    role: str | None = None
 
 
 class Resolver(Protocol):
@@ -101,19 +103,22 @@ class Resolver(Protocol):
     def __call__(self, request: Request, /) -> RequestContext | None: ...
 
 
-def from_g(clinic: str = "clinic_id", actor: str = "actor_id") -> Resolver:
-    """The clinic and actor that the application's own authentication (a `before_request`
-    hook) stored on `flask.g`; no clinic there, no context."""
+def from_g(clinic: str = "clinic_id", actor: str = "actor_id", role: str = "role") -> Resolver:
+    """The clinic, actor and role that the application's own authentication (a
+    `before_request` hook) stored on `flask.g`; no clinic there, no context."""
 
     def resolve(request: Request, /) -> RequestContext | None:
         clinic_id = g.get(clinic)
-        return None if clinic_id is None else RequestContext(clinic_id, g.get(actor))
+        return None if clinic_id is None else RequestContext(clinic_id, g.get(actor),
+                                                             g.get(role))
 
     return resolve
 
 
-def from_headers(clinic: str = "X-Clinic-Id", actor: str = "X-Actor-Id") -> Resolver:
-    """The clinic and actor from request headers. Only for deployments behind a trusted
+def from_headers(
+    clinic: str = "X-Clinic-Id", actor: str = "X-Actor-Id", role: str = "X-Staff-Role"
+) -> Resolver:
+    """The clinic, actor and role from request headers. Only for deployments behind a trusted
     gateway that authenticates every request and sets (or strips) these headers itself: a
     client reaching the app directly could name any clinic."""
 
@@ -121,7 +126,8 @@ def from_headers(clinic: str = "X-Clinic-Id", actor: str = "X-Actor-Id") -> Reso
         clinic_id = request.headers.get(clinic)
         if not clinic_id:
             return None
-        return RequestContext(clinic_id, request.headers.get(actor) or None)
+        return RequestContext(clinic_id, request.headers.get(actor) or None,
+                              request.headers.get(role) or None)
 
     return resolve
 
@@ -130,11 +136,11 @@ class _JwtResolver:
     challenge = "Bearer"
 
     def __init__(self, jwt: ModuleType, key: Any, options: dict[str, Any],
-                 claims: tuple[str, str]) -> None:
+                 claims: tuple[str, str, str]) -> None:
         self._jwt = jwt
         self._key = key
         self._options = options
-        self._clinic, self._actor = claims
+        self._clinic, self._actor, self._role = claims
 
     def __call__(self, request: Request, /) -> RequestContext | None:
         header = request.headers.get("Authorization")
@@ -150,7 +156,9 @@ class _JwtResolver:
             raise InvalidCredentials(f"the bearer token was rejected ({type(exc).__name__})"
                                      ) from None
         clinic_id = claims.get(self._clinic)
-        return None if clinic_id is None else RequestContext(clinic_id, claims.get(self._actor))
+        if clinic_id is None:
+            return None
+        return RequestContext(clinic_id, claims.get(self._actor), claims.get(self._role))
 
 
 def from_jwt(
@@ -161,9 +169,10 @@ def from_jwt(
     issuer: str | None = None,
     clinic_claim: str = "clinic_id",
     actor_claim: str = "sub",
+    role_claim: str = "role",
     leeway: float = 0.0,
 ) -> Resolver:
-    """The clinic and actor from the claims of a verified `Authorization: Bearer` JWT (PyJWT:
+    """The clinic, actor and role from the claims of a verified `Authorization: Bearer` JWT (PyJWT:
     signature, `exp`, and `aud`/`iss` when given). No header: no context; a token that fails
     verification: `InvalidCredentials` (401). Needs PyJWT, checked here, not per request."""
     try:
@@ -176,7 +185,7 @@ def from_jwt(
         "algorithms": list(algorithms), "audience": audience, "issuer": issuer,
         "leeway": leeway, "options": {"require": ["exp"]},
     }
-    return _JwtResolver(jwt, key, options, (clinic_claim, actor_claim))
+    return _JwtResolver(jwt, key, options, (clinic_claim, actor_claim, role_claim))
 
 
 @dataclass
@@ -356,9 +365,9 @@ class HcRepo:
             found = self.resolver(request)
             after = self._carried(db)
             # No result: explicitly no clinic and no actor, whatever encloses the app.
-            clinic_id, actor_id = (None, None) if found is None else (found.clinic_id,
-                                                                      found.actor_id)
-            with db.context(clinic_id=clinic_id, actor_id=actor_id):
+            clinic_id, actor_id, role = ((None, None, None) if found is None else
+                                         (found.clinic_id, found.actor_id, found.role))
+            with db.context(clinic_id=clinic_id, actor_id=actor_id, role=role):
                 try:
                     if after is None:
                         return dispatch()

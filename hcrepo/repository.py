@@ -91,8 +91,9 @@ def cached(
     """Serve the method from Redis (see hcrepo.cache); only valid on read queries.
 
     Entries are keyed by every policy input (`tenancy.POLICY_INPUTS`: the clinic, the
-    actor, ...) the database sees; `independent_of=("actor_id",)` shares them among a
-    clinic's actors, for a query whose result row-level security does not shape by actor.
+    actor, the staff role, a break-glass) the database sees; `independent_of=("actor_id",)`
+    shares them among a clinic's actors claiming one role, for a query whose result
+    row-level security does not shape by actor (`"role"`: among its roles too).
     """
 
     def mark(fn: Callable[P, R]) -> Callable[P, R]:
@@ -116,22 +117,27 @@ class Repository:
         *,
         clinic_id: UUID | str | None = tenancy.UNSET,
         actor_id: UUID | str | None = tenancy.UNSET,
+        role: str | None = tenancy.UNSET,
     ) -> None:
-        """`clinic_id` / `actor_id` given here override the ambient context for every call
-        through this instance. A unit of work keeps the clinic and actor it was opened with,
-        so an override that differs from them is refused."""
+        """`clinic_id` / `actor_id` / `role` given here override the ambient context for every
+        call through this instance. A unit of work keeps the context it was opened with, so
+        an override that differs from it is refused. (A break-glass is entered only through
+        `db.context(emergency_reason=...)`, which records it.)"""
         self._runner = runner
         self._explicit: dict[str, Any] | None = None
         given = {name: value for name, value in (("clinic_id", clinic_id),
-                                                 ("actor_id", actor_id))
+                                                 ("actor_id", actor_id), ("role", role))
                  if value is not tenancy.UNSET}
         if not given:
             return
+        # Checks the values now, whatever the runner.
+        wanted = tenancy.resolve(given.get("clinic_id", tenancy.UNSET),
+                                 given.get("actor_id", tenancy.UNSET),
+                                 given.get("role", tenancy.UNSET))
         fixed = runner.fixed_context
         if fixed is None:
             self._explicit = given
             return
-        wanted = tenancy.resolve(**given)
         for name in given:
             if getattr(wanted, name) != getattr(fixed, name):
                 raise InvalidContext(
@@ -271,10 +277,10 @@ def _cache_contract(
     and tags must not depend on how a caller spelled a value)."""
     if cache is not None:
         for name in cache.independent_of:
-            if name not in tenancy.POLICY_INPUTS or name == "clinic_id":
-                allowed = [n for n in tenancy.POLICY_INPUTS if n != "clinic_id"]
+            if name not in tenancy.SHAREABLE_INPUTS:
                 raise fail(f"independent_of names {name!r}; it may name only "
-                           f"{', '.join(map(repr, allowed))} (the clinic is always keyed)")
+                           f"{', '.join(map(repr, tenancy.SHAREABLE_INPUTS))} (the clinic "
+                           "and a break-glass are always keyed)")
             if reads_setting(found.sql, name):
                 raise fail(f"independent_of={name!r} but the SQL reads app.{name}")
     annotations = {name: hints.get(name, Any) for name in found.params}

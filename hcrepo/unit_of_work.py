@@ -1,4 +1,5 @@
-"""One primary connection, one transaction, the clinic and actor on every statement.
+"""One primary connection, one transaction, the context (clinic, actor, role, break-glass)
+on every statement.
 
 BEGIN and the transaction-local `set_config` travel in the same round trip as the first
 statement. After-commit hooks (cache invalidation, read-your-writes) run only once COMMIT has
@@ -185,8 +186,9 @@ class UnitOfWork:
     def check_join(self, context: tenancy.Context, isolation: str | None,
                    read_only: bool) -> None:
         """Refuse a nested `Database.transaction` that asks for what this unit is not: it
-        would otherwise run silently as this unit's clinic, actor and options."""
-        for name in ("clinic_id", "actor_id"):
+        would otherwise run silently as this unit's clinic, actor, role, break-glass and
+        options."""
+        for name in ("clinic_id", "actor_id", "role", "emergency_access_id"):
             if getattr(context, name) != getattr(self.context, name):
                 raise InvalidContext(
                     f"db.transaction inside an open unit of work joins it, and the unit runs "

@@ -19,7 +19,7 @@ WHERE mrn = :mrn
 -- blind_index: patients.ssn using digits
 -- The SSN is never sent: only its blind index, which the UNIQUE (clinic_id, ssn_bidx)
 -- index finds. Staff who may not see SSNs find the patient, with ssn NULL (patient_records
--- gives the ciphertext to the roles that may see it, 0009_field_encryption).
+-- gives the ciphertext to the roles that may see it, 0008_field_encryption).
 SELECT id, clinic_id, mrn, first_name, last_name, date_of_birth, sex, phone, email, address,
        ssn, created_at, updated_at
 FROM patient_records

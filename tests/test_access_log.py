@@ -62,6 +62,20 @@ def test_a_primary_read_is_logged_with_every_field(
     assert row.staff_role is None and row.emergency_reason is None
 
 
+def test_the_staff_role_and_a_break_glass_reason_are_logged(
+    make_db: MakeDatabase, migrated_db: ServerDatabase, clinic3: Clinic
+) -> None:
+    db = make_db()
+    with db.context(clinic_id=clinic3.id, actor_id=clinic3.actor_id, role="doctor",
+                    emergency_reason="cardiac arrest in the waiting room"):
+        PatientRepository(db).search(limit=10)
+    db.close()  # flushes
+
+    [row] = _rows(migrated_db, clinic3)
+    assert (row.staff_role, row.emergency_reason) == ("doctor",
+                                                      "cardiac arrest in the waiting room")
+
+
 def test_patient_ids_of_single_list_none_and_rowcount_results(
     make_db: MakeDatabase, migrated_db: ServerDatabase, clinic3: Clinic
 ) -> None:

@@ -39,13 +39,16 @@ def refusal(**methods: Any) -> str:
 def test_the_context_statement_sends_exactly_the_policy_inputs() -> None:
     """POLICY_INPUTS is what keys are built from; the statement is what row-level security
     sees. Each `app.<name>` setting must carry the Context field of that name."""
-    context = Context(clinic_id=uuid.uuid4(), actor_id=uuid.uuid4())
+    context = Context(clinic_id=uuid.uuid4(), actor_id=uuid.uuid4(), role="nurse",
+                      emergency_reason="why", emergency_access_id=uuid.uuid4())
     for statement in (execution.context_statement(context),
                       execution.context_statement(context, 5000)):
         settings = re.findall(r"set_config\('([^']+)', \$(\d+), true\)", statement.sql)
         sent = {name.removeprefix("app."): int(index) for name, index in settings
                 if name.startswith("app.")}
-        assert sorted(sent) == sorted(POLICY_INPUTS)
+        # The reason travels too, but a policy accepts it only with the recorded row whose
+        # id (a policy input) fixes it: the id keys the cache for both.
+        assert sorted(sent) == sorted((*POLICY_INPUTS, "emergency_reason"))
         for name, index in sent.items():
             assert statement.params[index - 1] == str(getattr(context, name))
 
@@ -53,11 +56,11 @@ def test_the_context_statement_sends_exactly_the_policy_inputs() -> None:
 def test_independence_is_declared_only_of_policy_inputs_other_than_the_clinic() -> None:
     def count(self: Any) -> int: ...
 
-    for name in ("role", "clinic_id"):
+    for name in ("emergency_access_id", "emergency_reason", "clinic_id"):
         message = refusal(count=query("cache_patient_count")(
             cached(ttl=60, independent_of=(name,))(count)))
         assert message.startswith(f"{CACHE_SQL}:{sql_line('cache_patient_count')} ")
-        assert f"independent_of names {name!r}; it may name only 'actor_id'" in message
+        assert f"independent_of names {name!r}; it may name only 'actor_id', 'role'" in message
         assert f"{Path(__file__).resolve()}:" in message  # where the method is declared
 
 

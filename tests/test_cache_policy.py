@@ -9,7 +9,7 @@ from hcrepo import Repository, cached, query
 from hcrepo.healthcare import PatientRepository
 from tests.plugins.database import Database as ServerDatabase
 from tests.support.cache import CachedDatabase, CacheRepo, Counts
-from tests.support.repos import new_clinic
+from tests.support.repos import new_clinic, staff_member
 
 
 class ActorSetting(Repository, sql="sql/cache.sql"):
@@ -37,14 +37,33 @@ def test_queries_independent_of_the_actor_share_entries_among_a_clinics_staff(
     cached_db: CachedDatabase, migrated_db: ServerDatabase
 ) -> None:
     clinic = new_clinic(migrated_db.superuser_url, patients=2)
+    doctors = [clinic.actor_id, *(staff_member(migrated_db.superuser_url, clinic.id, "doctor")
+                                  for _ in range(2))]
     db = cached_db()
     keyed, shared = Counts("cache_patient_count"), Counts("get_patient")
-    for _ in range(3):
-        with db.context(clinic_id=clinic.id, actor_id=uuid.uuid4()):
+    for doctor in doctors:
+        # Entries are shared among actors claiming one role: with no role claimed, the
+        # actor's membership decides the role, so the actor stays in the key.
+        with db.context(clinic_id=clinic.id, actor_id=doctor, role="doctor"):
             assert CacheRepo(db).count() == 2  # declares no independence: keyed by actor
             assert PatientRepository(db).get(id=clinic.patient_ids[0]) is not None
     assert keyed["misses"] == 3 and keyed["hits"] == 0
     assert shared["misses"] == 1 and shared["hits"] == 2  # shipped: independent_of actor_id
+
+
+def test_with_no_role_claimed_entries_are_not_shared_among_actors(
+    cached_db: CachedDatabase, migrated_db: ServerDatabase
+) -> None:
+    """The membership role stands in for an unclaimed one, and it comes from the actor: a
+    receptionist never gets the entry a doctor filled, even for an actor-independent query."""
+    clinic = new_clinic(migrated_db.superuser_url, patients=1)
+    other_doctor = staff_member(migrated_db.superuser_url, clinic.id, "doctor")
+    db = cached_db()
+    shared = Counts("get_patient")
+    for actor in (clinic.actor_id, other_doctor, clinic.actor_id):
+        with db.context(clinic_id=clinic.id, actor_id=actor):
+            assert PatientRepository(db).get(id=clinic.patient_ids[0]) is not None
+    assert shared["misses"] == 2 and shared["hits"] == 1
 
 
 def test_a_write_spelling_the_id_otherwise_still_invalidates_the_read(

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from pydantic import BaseModel
 
-from hcrepo import Repository, query
+from hcrepo import Repository, cached, query
 from hcrepo.admin import migrate
 from hcrepo.admin.check import Finding, repositories, run_check
 from hcrepo.healthcare import PatientRepository, PrescriptionRepository, ProviderRepository
@@ -232,6 +232,22 @@ def test_a_policy_reading_the_actor_fails_queries_cached_independent_of_it(
         "seen_by_their_actor on patients reads app.actor_id: its cached results would be "
         "shared across actor_ids",
     )]  # only the cached read declared independent; providers' policies do not read it
+
+
+class RoleBlindPatients(Repository, sql="sql/cache.sql"):
+    @query("cache_patient_count")
+    @cached(ttl=60, independent_of=("role",))
+    def count(self) -> int: ...
+
+
+def test_a_query_on_role_shaped_tables_cannot_be_cached_independent_of_the_role(
+    migrated_db: ServerDatabase,
+) -> None:
+    """The role policies read app.role through hcrepo_scope_role(): a count shared across
+    roles would show a receptionist what only clinicians may count."""
+    assert any("@cached(independent_of='role') but policy patients_role_select on patients "
+               "reads app.role" in message
+               for message in messages(run_check(migrated_db.app_url, [RoleBlindPatients])))
 
 
 def test_the_command_exits_zero_on_a_clean_database(migrated_db: ServerDatabase) -> None:

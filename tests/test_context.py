@@ -207,6 +207,9 @@ def test_explicit_arguments_override_the_ambient_context(
     with db.context(clinic_id=a.id, actor_id=a.actor_id):
         with db.unit_of_work(clinic_id=b.id) as uow:
             assert who(uow) == (str(b.id), str(a.actor_id))
+            # a's doctor is no member of b: no role there, no patients (migrations/0007).
+            assert ids(Clinical(uow).patients()) == set()
+        with db.unit_of_work(clinic_id=b.id, actor_id=b.actor_id) as uow:
             assert ids(Clinical(uow).patients()) == set(b.patient_ids)
         with db.unit_of_work(clinic_id=str(b.id), actor_id=actor) as uow:
             assert who(uow) == (str(b.id), str(actor))
@@ -249,14 +252,15 @@ def test_for_each_clinic_runs_once_per_clinic_in_its_own_context(
         calls.append(clinic_id)
         return Session(db).probe(), Clinical(db).patients()
 
-    actor = uuid.uuid4()
-    with db.context(actor_id=actor):
+    # A clinic-level job (no actor): an actor would need a membership in every clinic to
+    # see its patients (migrations/0007).
+    with db.context(actor_id=None):
         outcome = db.for_each_clinic(nightly)
-        assert who(db) == ("", str(actor))  # the caller's context is back
+        assert who(db) == ("", "")  # the caller's context is back
     assert sorted(calls) == sorted(directory)  # once per clinic
     assert set(outcome) == directory
     for clinic_id, (probe, rows) in outcome.items():
-        assert (probe.clinic, probe.actor) == (str(clinic_id), str(actor))
+        assert (probe.clinic, probe.actor) == (str(clinic_id), "")
         assert (probe.role, probe.row_security) == ("hcrepo_app", "on")
         assert {row.clinic_id for row in rows} <= {clinic_id}
         assert len(rows) == per_clinic.get(clinic_id, 0)

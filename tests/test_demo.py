@@ -58,11 +58,16 @@ def test_demo_exits_0_and_shows_each_clinic_only_its_patients(scratch: Path) -> 
     assert "replica replay paused: sees the new phone" in out
     assert "another patient read three times: 2 served from Redis" in out
     assert "overlapping booking for the same provider: refused" in out
+    assert "receptionist: patient demographics shown, clinical note refused\n" in out
+    assert "receptionist claiming a doctor's role: refused by PostgreSQL (42501)\n" in out
+    assert ("nurse, another clinician's draft note: hidden\n"
+            "alert hook: break-glass by a nurse recorded in audit.emergency_access\n"
+            "nurse breaking the glass: the draft note is shown\n") in out
     assert "a patient printed: PatientSummary(id=UUID(" in out and "first_name='***'" in out
     assert "its attribute patient.mrn: N-0002\n" in out
     assert "SSN stored encrypted: the superuser reads hc1:1:" in out
     assert "(not the SSN)\n" in out
-    assert "through the blind index: E-0001 (the SSN withheld" in out
+    assert "through the blind index: E-0001 (decrypted for the doctor: the same SSN)\n" in out
     assert demo.DEMO_SSN not in out and demo.DEMO_SSN[-4:] not in out
     # MRNs only: names and birth dates are PHI, even fake ones.
     for _mrn, first, last, born, _sex in (p for ps in demo.CLINICS.values() for p in ps):

@@ -600,7 +600,7 @@ def test_plaintext_ssns_are_moved_aside_by_the_migration_and_sealed_by_encrypt_e
         assert conn.execute("SELECT count(*) FROM patients_plaintext_ssn").fetchone() == (4,)
     assert plaintext() == []
     # Rolled back before anything was encrypted, the SSNs go back where they were.
-    assert migrate.rollback(db.owner_url, setting="owner URL") == ["0009_field_encryption"]
+    assert migrate.rollback(db.owner_url, setting="owner URL") == ["0008_field_encryption"]
     assert plaintext() == sorted(ssns.items())
     migrate.apply(db.owner_url, setting="owner URL")
     assert plaintext() == []

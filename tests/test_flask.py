@@ -24,7 +24,7 @@ from uuid import UUID
 
 import jwt
 import pytest
-from flask import Flask, g
+from flask import Flask, g, request
 
 from examples.flask_app import create_app
 from hcrepo import (
@@ -388,6 +388,31 @@ def test_the_jwt_resolver_takes_clinic_and_actor_from_verified_claims(
         assert refused.get_json()["error"] == "InvalidCredentials"
         assert str(a.id) not in refused.get_data(as_text=True)
     assert client.get("/patients").get_json()["error"] == "TenantContextMissing"
+
+
+def test_the_staff_role_travels_from_every_resolver(
+    app_settings: Callable[..., Settings], extensions: list[HcRepo], three: list[Clinic]
+) -> None:
+    """Header, JWT claim or flask.g: the role reaches PostgreSQL, which refuses a role the
+    actor (a doctor) does not hold (403); a misspelt one is refused before any query (400)."""
+    a = three[0]
+    example_app = create_app(lambda: Database(app_settings()))
+    extensions.append(example_app.extensions["hcrepo"])
+    client = example_app.test_client()
+    for role, status in (("doctor", 200), ("receptionist", 403), ("Doctor", 400)):
+        reply = client.get("/patients", headers={**who(a), "X-Staff-Role": role})
+        assert reply.status_code == status, role
+    jwt_client = _jwt_app(app_settings, extensions).test_client()
+    claims = {"clinic_id": str(a.id), "sub": str(a.actor_id), "aud": "clinic-api",
+              "exp": datetime.now(UTC) + timedelta(seconds=60)}
+    for role, status in (("doctor", 200), ("nurse", 403)):
+        token = jwt.encode({**claims, "role": role}, SECRET, algorithm="HS256")
+        reply = jwt_client.get("/patients", headers={"Authorization": f"Bearer {token}"})
+        assert reply.status_code == status, role
+    with Flask(__name__).test_request_context():
+        g.clinic_id, g.actor_id, g.role = a.id, a.actor_id, "nurse"
+        found = from_g()(request)
+    assert found is not None and found.role == "nurse"
 
 
 def test_the_jwt_resolver_needs_pyjwt_when_it_is_made(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -65,28 +65,37 @@ class Tenant:
     clinic_id: UUID
     actor_id: UUID
     provider_id: UUID
+    admin_id: UUID
 
     def scope(self, db: Database) -> AbstractContextManager[object]:
         """The tenant's context, entered in the test itself: a fixture's block would end
         for the test as soon as the fixture yields."""
         return db.context(clinic_id=self.clinic_id, actor_id=self.actor_id)
 
+    def admin(self, db: Database) -> AbstractContextManager[object]:
+        """The context of the clinic's admin, who manages staff, providers and the clinic."""
+        return db.context(clinic_id=self.clinic_id, actor_id=self.admin_id)
+
 
 @pytest.fixture
 def tenant(db: Database, seeded: Seed) -> Tenant:
-    """A new clinic (made by a seeded doctor) with one onboarded doctor who is also a
-    provider; tests enter its context with `tenant.scope(db)`."""
+    """A new clinic (made by a seeded doctor) whose first member is an admin, who onboards a
+    doctor and makes the doctor a provider; tests enter the doctor's context with
+    `tenant.scope(db)`, the admin's with `tenant.admin(db)`."""
     with db.context(actor_id=seeded.a.user_ids[0]):
         clinic = ClinicRepository(db).create(name=f"Clinic {uuid.uuid4().hex[:8]}",
                                              timezone="America/New_York")
     with db.context(clinic_id=clinic.id, actor_id=seeded.a.user_ids[0]):
+        admin = UserRepository(db).onboard(
+            email=f"{uuid.uuid4().hex[:12]}@example.invalid", full_name="Ad Min", role="admin"
+        )
+    with db.context(clinic_id=clinic.id, actor_id=admin.id):
         actor = UserRepository(db).onboard(
             email=f"{uuid.uuid4().hex[:12]}@example.invalid", full_name="Dr Test", role="doctor"
         )
-    with db.context(clinic_id=clinic.id, actor_id=actor.id):
         provider = ProviderRepository(db).create(display_name="Dr Test", user_id=actor.id,
                                                  specialty="family medicine")
-    return Tenant(clinic.id, actor.id, provider.id)
+    return Tenant(clinic.id, actor.id, provider.id, admin.id)
 
 
 def new_patient(db: Database, last_name: str = "Doe", **fields: object) -> Patient:
@@ -140,7 +149,7 @@ def test_only_the_clinic_directory_is_not_tenant_scoped() -> None:
 
 
 def test_clinic_directory(db: Database, tenant: Tenant, seeded: Seed) -> None:
-    with tenant.scope(db):
+    with tenant.admin(db):
         clinics = ClinicRepository(db)
         mine = clinics.get(id=tenant.clinic_id)
         assert mine is not None and mine.timezone == "America/New_York"
@@ -168,7 +177,7 @@ def test_clinic_directory_pages_with_a_keyset(db: Database, tenant: Tenant) -> N
 
 
 def test_users_and_staff(db: Database, tenant: Tenant) -> None:
-    with tenant.scope(db):
+    with tenant.admin(db):
         users = UserRepository(db)
         email = f"{uuid.uuid4().hex[:12]}@example.invalid"
         nurse = users.onboard(email=email, full_name="Nurse Test", role="nurse")
@@ -181,9 +190,10 @@ def test_users_and_staff(db: Database, tenant: Tenant) -> None:
         assert email not in str(caught.value)
 
         staff = StaffRepository(db)
-        assert {m.user_id for m in staff.members()} == {tenant.actor_id, nurse.id}
+        assert {m.user_id for m in staff.members()} == {tenant.actor_id, tenant.admin_id,
+                                                        nurse.id}
         assert staff.remove(user_id=nurse.id) == 1
-        assert [m.user_id for m in staff.members()] == [tenant.actor_id]
+        assert {m.user_id for m in staff.members()} == {tenant.actor_id, tenant.admin_id}
         # No membership, no account: the clinic no longer sees or changes it ...
         assert users.get(id=nurse.id) is None
         assert users.set_active(id=nurse.id, active=True) == 0
@@ -195,7 +205,7 @@ def test_users_and_staff(db: Database, tenant: Tenant) -> None:
 def test_another_clinics_staff_is_out_of_reach(
     db: Database, tenant: Tenant, seeded: Seed, migrated_db: ServerDatabase
 ) -> None:
-    with tenant.scope(db):
+    with tenant.admin(db):
         users = UserRepository(db)
         doctor = seeded.b.user_ids[0]
         with psycopg.connect(migrated_db.superuser_url) as conn:
@@ -211,14 +221,20 @@ def test_another_clinics_staff_is_out_of_reach(
         assert users.get(id=doctor) is None
 
 
-def test_a_user_of_two_clinics_is_seen_by_both(db: Database, tenant: Tenant) -> None:
-    with tenant.scope(db):
+def test_a_user_of_two_clinics_is_seen_by_both(
+    db: Database, tenant: Tenant, migrated_db: ServerDatabase
+) -> None:
+    with tenant.admin(db):
         users = UserRepository(db)
         nurse = users.onboard(email=f"{uuid.uuid4().hex[:12]}@example.invalid",
                               full_name="Nurse Shared", role="nurse")
-        with db.context(actor_id=tenant.actor_id):
+        with db.context(actor_id=tenant.admin_id):
             other = ClinicRepository(db).create(name=f"Clinic {uuid.uuid4().hex[:8]}")
-        with db.context(clinic_id=other.id, actor_id=tenant.actor_id):
+        # The admin administers the other clinic too (staff changes are an admin's).
+        with psycopg.connect(migrated_db.superuser_url) as conn:
+            conn.execute("INSERT INTO clinic_memberships (clinic_id, user_id, role)"
+                         " VALUES (%s, %s, 'admin')", [other.id, tenant.admin_id])
+        with db.context(clinic_id=other.id, actor_id=tenant.admin_id):
             assert users.get(id=nurse.id) is None
             assert StaffRepository(db).add(user_id=nurse.id, role="nurse") == 1
             assert users.get(id=nurse.id) == nurse
@@ -259,7 +275,7 @@ def test_patients_are_invisible_to_other_clinics(
     with tenant.scope(db):
         created = new_patient(db)
         patients = PatientRepository(db)
-        with db.context(clinic_id=seeded.a.id):
+        with db.context(clinic_id=seeded.a.id, actor_id=seeded.a.user_ids[0]):
             assert patients.get(id=created.id) is None
             assert patients.by_mrn(mrn=created.mrn) is None
             assert patients.count() == len(seeded.a.patient_ids)
@@ -319,7 +335,7 @@ def test_patient_pages_walk_every_row_once(db: Database, tenant: Tenant) -> None
 
 
 def test_providers(db: Database, tenant: Tenant) -> None:
-    with tenant.scope(db):
+    with tenant.admin(db):  # an admin adds providers
         providers = ProviderRepository(db)
         nurse = providers.create(display_name="Nurse Practitioner", specialty="triage")
         assert providers.get(id=nurse.id) == nurse

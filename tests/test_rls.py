@@ -66,10 +66,14 @@ def _declared_tenant_tables() -> list[str]:
 TENANT_TABLES = _declared_tenant_tables()
 
 
-def _set_clinic(conn: psycopg.Connection[Any], clinic_id: UUID | str | None) -> None:
+def _set_clinic(
+    conn: psycopg.Connection[Any], clinic_id: UUID | str | None, actor_id: UUID | None = None
+) -> None:
+    """The clinic (and the staff member acting: the staff role rules of migrations/0007 give
+    clinical rows and directory changes only to members in the right role)."""
     conn.execute(
-        "SELECT set_config('app.clinic_id', %s, true)",
-        ["" if clinic_id is None else str(clinic_id)],
+        "SELECT set_config('app.clinic_id', %s, true), set_config('app.actor_id', %s, true)",
+        ["" if clinic_id is None else str(clinic_id), "" if actor_id is None else str(actor_id)],
     )
 
 
@@ -119,7 +123,7 @@ def test_tenant_table_is_isolated(
         everywhere, elsewhere = row
         expected = everywhere - elsewhere
         with app_conn.transaction():
-            _set_clinic(app_conn, clinic.id)
+            _set_clinic(app_conn, clinic.id, clinic.user_ids[0])
             assert app_conn.execute(count.format(name), [clinic.id]).fetchone() == (expected, 0)
     with app_conn.transaction():
         _set_clinic(app_conn, None)
@@ -210,7 +214,7 @@ def test_inserting_a_row_for_another_clinic_fails(
 def test_moving_a_row_to_another_clinic_fails(
     seeded: Seed, app_conn: psycopg.Connection[Any]
 ) -> None:
-    _set_clinic(app_conn, seeded.a.id)
+    _set_clinic(app_conn, seeded.a.id, seeded.a.user_ids[0])
     with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
         app_conn.execute(
             "UPDATE patients SET clinic_id = %s WHERE id = %s",
@@ -232,7 +236,7 @@ def test_another_clinics_patient_cannot_be_referenced(
     seeded: Seed, app_conn: psycopg.Connection[Any]
 ) -> None:
     # Foreign-key checks bypass RLS; the (clinic_id, patient_id) key is what stops this.
-    _set_clinic(app_conn, seeded.a.id)
+    _set_clinic(app_conn, seeded.a.id, seeded.a.user_ids[0])
     with pytest.raises(psycopg.errors.ForeignKeyViolation):
         app_conn.execute(
             "INSERT INTO appointments (clinic_id, patient_id, provider_id, starts_at, ends_at)"
@@ -260,7 +264,7 @@ def test_a_pooled_connection_forgets_the_clinic(migrated_db: Database, seeded: S
 def test_clinics_directory_is_readable_but_only_the_own_clinic_is_writable(
     seeded: Seed, app_conn: psycopg.Connection[Any]
 ) -> None:
-    _set_clinic(app_conn, seeded.a.id)
+    _set_clinic(app_conn, seeded.a.id, seeded.a.user_ids[1])  # its admin
     visible = {row[0] for row in app_conn.execute("SELECT id FROM clinics").fetchall()}
     assert {clinic.id for clinic in seeded.clinics} <= visible
     rename = "UPDATE clinics SET timezone = 'Europe/Berlin' WHERE id = %s"
@@ -343,7 +347,7 @@ def test_app_role_has_only_the_table_privileges_it_needs(
         "clinics": read_write,
         "users": "SELECT",
         "clinic_memberships": "DELETE,INSERT,SELECT,UPDATE",
-        # SELECT on every column but ssn (0009_field_encryption; patient_records gives it
+        # SELECT on every column but ssn (0008_field_encryption; patient_records gives it
         # to the roles that may see it).
         "patients": "INSERT,UPDATE",
         "providers": read_write,
@@ -434,7 +438,7 @@ def test_onboarding_creates_the_user_and_its_membership_in_the_clinic(
     seeded: Seed, app_conn: psycopg.Connection[Any]
 ) -> None:
     email = f"new-{uuid.uuid4().hex[:10]}@example.invalid"
-    _set_clinic(app_conn, seeded.c.id)
+    _set_clinic(app_conn, seeded.c.id, seeded.c.user_ids[1])  # its admin
     row = app_conn.execute(
         "SELECT id, email, role FROM onboard_staff(%s, 'New Nurse', 'nurse')", [email]
     ).fetchone()
@@ -463,7 +467,7 @@ def test_onboarding_an_existing_email_never_attaches_that_account(
     doctor = seeded.b.user_ids[0]
     email = super_conn.execute("SELECT email FROM users WHERE id = %s", [doctor]).fetchone()
     assert email is not None
-    _set_clinic(app_conn, seeded.a.id)
+    _set_clinic(app_conn, seeded.a.id, seeded.a.user_ids[1])  # its admin
     with pytest.raises(psycopg.errors.UniqueViolation):
         app_conn.execute("SELECT * FROM onboard_staff(%s, 'Taken Over', 'admin')", [email[0]])
     app_conn.rollback()

@@ -268,7 +268,7 @@ def encrypt_existing(
     batch: int = 500,
     progress: Progress | None = None,
 ) -> Leftover:
-    """Seal the plaintext SSNs 0009_field_encryption moved aside into their rows (with their
+    """Seal the plaintext SSNs 0008_field_encryption moved aside into their rows (with their
     blind index) and delete them from `patients_plaintext_ssn`, in short batches."""
     column = Column("patients", "ssn")
     done = skipped = 0

@@ -19,10 +19,12 @@ With read replicas an invalidation leaves tombstones for the lag window (HCREPO_
 plus two health intervals): a fill in that window may come from a replica that has not
 replayed the commit yet, so it is returned but not stored.
 
-Who asks is part of the key: every policy input the database sees (`tenancy.POLICY_INPUTS`,
-the actor besides the clinic) is hashed into it, unless the query declares
-`@cached(independent_of=...)`; hcrepo refuses that declaration for SQL that reads the setting,
-and `hcrepo check` reports it for tables whose row-level security policies do.
+Who asks is part of the key: every policy input the database sees (`tenancy.POLICY_INPUTS`:
+the actor, the staff role and a recorded break-glass besides the clinic) is hashed into it
+(with no role claimed, the actor stands in for the role the database derives from it),
+unless the query declares `@cached(independent_of=...)`; hcrepo refuses that declaration for
+SQL that reads the setting, and `hcrepo check` reports it for tables whose row-level security
+policies do.
 
 Read-your-writes: each entry records a WAL position its value is known to reflect (the
 replica's replay position, or just below the primary's insert position, read before the
@@ -170,7 +172,7 @@ class Cache:
         ns = self._keys.namespace(context.clinic_id, tenant_scoped=plan.tenant_scoped)
         try:
             entry = self._keys.entry(ns, spec.plan_id, context.clinic_id,
-                                     [getattr(context, name) for name in spec.keyed], args)
+                                     [context.policy_value(name) for name in spec.keyed], args)
         except Uncacheable:
             return _answer(self._bypass(spec, "uncacheable_arguments", load))
         generations: list[str] = []

@@ -5,10 +5,11 @@ owner role, and from then on works only through hcrepo as the application role `
 two clinics are seeded through the healthcare repositories, each clinic sees only its own
 patients, a missing clinic is refused before any round trip, row-level security refuses a
 cross-clinic write, a read right after a write sees it while the replica's replay is paused,
-a cached read is invalidated by a commit, a double booking is refused, and an SSN is stored
-encrypted and found through its blind index. Everything is removed on exit, on error too.
-Output names clinics, MRNs and counts, never PHI; a patient is printed once, as its repr
-masks it.
+a cached read is invalidated by a commit, a double booking is refused, a receptionist is
+refused a clinical note and a nurse breaks the glass to read one, recorded and alerted, and
+an SSN is stored encrypted and found through its blind index. Everything is removed on exit,
+on error too. Output names clinics, MRNs and counts, never PHI; a patient is printed once,
+as its repr masks it.
 """
 
 from __future__ import annotations
@@ -26,15 +27,25 @@ from uuid import UUID
 
 import psycopg
 
-from hcrepo import Database, ExclusionViolation, Settings, TenantContextMissing
+from hcrepo import (
+    Database,
+    EmergencyAccess,
+    ExclusionViolation,
+    RowSecurityViolation,
+    Settings,
+    TenantContextMissing,
+)
 from hcrepo.admin import migrate
 from hcrepo.admin.connect import conninfo_url
 from hcrepo.healthcare import (
     AppointmentRepository,
     ClinicRepository,
+    EncounterRepository,
     PatientRepository,
     ProviderRepository,
     Sex,
+    StaffRole,
+    UserRepository,
 )
 from hcrepo.ops import metrics
 
@@ -53,7 +64,7 @@ CLINICS: dict[str, Sequence[tuple[str, str, str, str, Sex]]] = {
         ("S-0002", "Dummy", "Examplesson", "1969-07-20", "female"),
     ],
 }
-ACTOR = uuid.UUID("00000000-0000-4000-8000-00000000d3e0")  # the demo's staff member
+FOUNDER = uuid.UUID("00000000-0000-4000-8000-00000000d3e0")  # registers the demo's clinics
 DEMO_SSN = "078-05-1120"  # a famously void SSN (printed on sample cards in 1938)
 MISSING_EXTRA = "the demo needs the testing extra: pip install 'hcrepo[testing]'"
 
@@ -92,7 +103,7 @@ def run(out: TextIO = sys.stdout) -> int:
             master_key=base64.b64encode(secrets.token_bytes(32)).decode(),
             blind_index_key=base64.b64encode(secrets.token_bytes(32)).decode(),
         )
-        with Database(settings) as db:
+        with Database(settings, on_emergency_access=lambda access: _alert(out, access)) as db:
             _walk_through(db, out, replica, app_url)
             _encrypted_ssn(db, out, conninfo_url(primary.superuser_url, dbname="hcrepo_demo"))
     out.write("\nservers stopped and removed\n")
@@ -100,7 +111,8 @@ def run(out: TextIO = sys.stdout) -> int:
 
 
 def _walk_through(db: Database, out: TextIO, replica: PostgresServer, app_url: str) -> None:
-    clinics = {name: _seed(db, name, people) for name, people in CLINICS.items()}
+    staffed = {name: _seed(db, name, people) for name, people in CLINICS.items()}
+    clinics = {name: clinic_id for name, (clinic_id, _admin, _doctor) in staffed.items()}
     out.write(f"connected as {migrate.APP_ROLE}; seeded {len(clinics)} clinics\n\n")
     for name, clinic_id in clinics.items():
         with db.context(clinic_id=clinic_id):
@@ -111,10 +123,11 @@ def _walk_through(db: Database, out: TextIO, replica: PostgresServer, app_url: s
     except TenantContextMissing:
         out.write("no clinic context: refused by hcrepo before any round trip\n")
     north, south = clinics.values()
+    _, admin, doctor = staffed["Demo Clinic North"]
     out.write(f"North writing a patient into South: {_cross_write(app_url, north, south)}\n")
     out.write(_printed_masked(db, north) + "\n")
 
-    with db.context(clinic_id=north, actor_id=ACTOR):
+    with db.context(clinic_id=north, actor_id=doctor):
         patients = PatientRepository(db)
         patient = patients.search(mrn="N-0001")[0]
         patients.get(id=patient.id)  # fills the cache
@@ -129,14 +142,15 @@ def _walk_through(db: Database, out: TextIO, replica: PostgresServer, app_url: s
                       f"{'sees the new phone' if seen else 'STALE'} (cache invalidated at "
                       "commit, read routed past the lagging replica)\n")
         out.write(f"token for a queued job: {db.last_write_token()}\n")
-    with db.context(clinic_id=north, actor_id=ACTOR):  # the next request: no write of its own
+    with db.context(clinic_id=north, actor_id=doctor):  # the next request: no write of its own
         other = patients.search(mrn="N-0002")[0]
         hits = _cache_hits("get_patient")
         for _ in range(3):
             patients.get(id=other.id)
         out.write(f"another patient read three times: {_cache_hits('get_patient') - hits:.0f} "
                   "served from Redis (AES-GCM encrypted, the clinic in its key)\n")
-        out.write(_double_booking(db, patient.id))
+        out.write(_double_booking(db, admin, patient.id))
+    _roles(db, out, north, (admin, doctor), patient.id)
     served = {name: node["served"] for name, node in db.health()["nodes"].items()}
     out.write(f"reads served per node: {served}\n")
 
@@ -151,9 +165,8 @@ def _printed_masked(db: Database, clinic_id: UUID) -> str:
 def _encrypted_ssn(db: Database, out: TextIO, superuser_url: str) -> None:
     """An SSN sealed in the application, what the database holds, and a search by another
     spelling of it through the blind index. The SSN itself is never printed."""
-    with db.context(actor_id=ACTOR):
-        clinic = ClinicRepository(db).create(name="Demo Clinic East")
-    with db.context(clinic_id=clinic.id, actor_id=ACTOR):
+    clinic_id, _admin, doctor = _seed(db, "Demo Clinic East", [])
+    with db.context(clinic_id=clinic_id, actor_id=doctor):
         patients = PatientRepository(db)
         patient = patients.create(mrn="E-0001", first_name="Cipher", last_name="Example",
                                   date_of_birth=date(1985, 5, 5), sex="other",
@@ -164,24 +177,37 @@ def _encrypted_ssn(db: Database, out: TextIO, superuser_url: str) -> None:
         found = patients.by_ssn(ssn=DEMO_SSN.replace("-", " "))
     out.write(f"\nSSN stored encrypted: the superuser reads {stored[:14]}... "
               f"({'not the SSN' if DEMO_SSN[-4:] not in stored else 'PLAINTEXT'})\n")
+    decrypted = found is not None and found.ssn == DEMO_SSN
     out.write("patient found by its SSN spelled otherwise, through the blind index: "
-              f"{found.mrn if found else 'NOT FOUND'} (the SSN withheld: no doctor or admin "
-              "role in the context)\n")
+              f"{found.mrn if found else 'NOT FOUND'} (decrypted for the doctor: "
+              f"{'the same SSN' if decrypted else 'WRONG'})\n")
 
 
 def _cache_hits(query: str) -> float:
     return metrics.REGISTRY.get_sample_value("hcrepo_cache_hits_total", {"query": query}) or 0.0
 
 
-def _seed(db: Database, name: str, people: Sequence[tuple[str, str, str, str, Sex]]) -> UUID:
-    with db.context(actor_id=ACTOR):
+def _seed(
+    db: Database, name: str, people: Sequence[tuple[str, str, str, str, Sex]]
+) -> tuple[UUID, UUID, UUID]:
+    """The clinic, its admin (its first member) and a doctor the admin onboards."""
+    with db.context(actor_id=FOUNDER):
         clinic = ClinicRepository(db).create(name=name)
-    with db.unit_of_work(clinic_id=clinic.id, actor_id=ACTOR) as uow:
+    with db.context(clinic_id=clinic.id, actor_id=FOUNDER):
+        admin = _onboard(db, "admin")
+    with db.context(clinic_id=clinic.id, actor_id=admin):
+        doctor = _onboard(db, "doctor")
+    with db.unit_of_work(clinic_id=clinic.id, actor_id=doctor) as uow:
         patients = PatientRepository(uow)
         for mrn, first, last, born, sex in people:
             patients.create(mrn=mrn, first_name=first, last_name=last,
                             date_of_birth=date.fromisoformat(born), sex=sex)
-    return clinic.id
+    return clinic.id, admin, doctor
+
+
+def _onboard(db: Database, role: StaffRole) -> UUID:
+    email = f"demo-{role}-{uuid.uuid4().hex[:8]}@example.invalid"
+    return UserRepository(db).onboard(email=email, full_name=f"Demo {role}", role=role).id
 
 
 def _cross_write(app_url: str, acting: UUID, other: UUID) -> str:
@@ -199,8 +225,9 @@ def _cross_write(app_url: str, acting: UUID, other: UUID) -> str:
     return "ALLOWED (tenant isolation is broken)"
 
 
-def _double_booking(db: Database, patient_id: UUID) -> str:
-    provider = ProviderRepository(db).create(display_name="Dr Demo")
+def _double_booking(db: Database, admin: UUID, patient_id: UUID) -> str:
+    with db.context(actor_id=admin):  # adding a provider is an admin's
+        provider = ProviderRepository(db).create(display_name="Dr Demo")
     start = datetime(2030, 1, 7, 9, tzinfo=UTC)
     appointments = AppointmentRepository(db)
     appointments.book(patient_id=patient_id, provider_id=provider.id, starts_at=start,
@@ -212,6 +239,45 @@ def _double_booking(db: Database, patient_id: UUID) -> str:
     except ExclusionViolation as exc:
         return f"overlapping booking for the same provider: refused ({exc.constraint})\n"
     return "overlapping booking for the same provider: ALLOWED (constraint missing)\n"
+
+
+def _roles(
+    db: Database, out: TextIO, clinic: UUID, staff: tuple[UUID, UUID], patient_id: UUID
+) -> None:
+    """Minimum necessary, enforced by PostgreSQL: a receptionist gets no clinical note and
+    cannot claim a doctor's role; a nurse reads another's draft note only by breaking the
+    glass, which is recorded and raises the alert hook."""
+    admin, doctor = staff
+    with db.context(clinic_id=clinic, actor_id=admin):
+        receptionist, nurse = _onboard(db, "receptionist"), _onboard(db, "nurse")
+        provider = ProviderRepository(db).create(display_name="Dr Notes", user_id=doctor)
+    with db.context(clinic_id=clinic, actor_id=doctor):
+        note = EncounterRepository(db).record(
+            patient_id=patient_id, provider_id=provider.id, appointment_id=None,
+            occurred_at=datetime(2030, 1, 7, 9, tzinfo=UTC), note="draft", diagnosis_codes=[])
+    notes = EncounterRepository(db)
+    with db.context(clinic_id=clinic, actor_id=receptionist, role="receptionist"):
+        seen = PatientRepository(db).get(id=patient_id) is not None
+        out.write(f"\nreceptionist: patient demographics {'shown' if seen else 'HIDDEN'}, "
+                  f"clinical note {'SHOWN' if notes.get(id=note.id) else 'refused'}\n")
+    with db.context(clinic_id=clinic, actor_id=receptionist, role="doctor"):
+        try:
+            notes.get(id=note.id)
+            out.write("receptionist claiming a doctor's role: ALLOWED\n")
+        except RowSecurityViolation as exc:
+            out.write(f"receptionist claiming a doctor's role: refused by PostgreSQL "
+                      f"({exc.sqlstate})\n")
+    with db.context(clinic_id=clinic, actor_id=nurse, role="nurse"):
+        out.write(f"nurse, another clinician's draft note: "
+                  f"{'SHOWN' if notes.get(id=note.id) else 'hidden'}\n")
+    with db.context(clinic_id=clinic, actor_id=nurse, role="nurse",
+                    emergency_reason="patient collapsed, history needed"):
+        out.write(f"nurse breaking the glass: the draft note is "
+                  f"{'shown' if notes.get(id=note.id) else 'HIDDEN'}\n")
+
+
+def _alert(out: TextIO, access: EmergencyAccess) -> None:
+    out.write(f"alert hook: break-glass by a {access.role} recorded in audit.emergency_access\n")
 
 
 @contextmanager

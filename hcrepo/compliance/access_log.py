@@ -86,8 +86,9 @@ class AccessRow(NamedTuple):
 
 def row_of(entry: Entry) -> AccessRow:
     at, context, query, ids, source = entry
-    # The staff role and emergency reason of the context, once tenancy.Context carries them.
-    role, reason = None, None
+    # The role as claimed (None: the actor's membership role applied) and a break-glass's
+    # reason (its use is recorded with the role in force in audit.emergency_access).
+    role, reason = context.role, context.emergency_reason
     return AccessRow(datetime.fromtimestamp(at, UTC), context.actor_id, context.clinic_id,
                      role, query, _patient_ids(ids, query), source, reason)
 

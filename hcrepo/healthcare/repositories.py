@@ -260,8 +260,9 @@ class AppointmentRepository(Repository, sql=str(SQL / "appointments.sql")):
 
 
 class EncounterRepository(Repository, sql=str(SQL / "encounters.sql")):
+    # Keyed by the actor: a draft note is visible to its author only (migrations/0007).
     @query("get_encounter", phi=True)
-    @cached(ttl="patient", tags=["encounter:{id}"], independent_of=("actor_id",))
+    @cached(ttl="patient", tags=["encounter:{id}"])
     def get(self, *, id: UUID) -> Encounter | None: ...
 
     @query("patient_encounters", phi=True)

@@ -106,7 +106,8 @@ def fresh_database(hcrepo_database_factory: DatabaseFactory) -> FreshDatabase:
 
 @dataclass(frozen=True)
 class ClinicSeed:
-    """Ids of one seeded clinic's rows (a row in every tenant table)."""
+    """Ids of one seeded clinic's rows (a row in every tenant table); `user_ids` is its
+    doctor (the provider's user) and its admin."""
 
     id: UUID
     name: str
@@ -167,6 +168,15 @@ def _seed_clinic(conn: psycopg.Connection[Any], name: str, *, patients: int) -> 
         "INSERT INTO clinic_memberships (clinic_id, user_id, role) VALUES (%s, %s, 'doctor')",
         [clinic, user],
     )
+    # Staff management is an admin's (migrations/0007): every seeded clinic has one.
+    admin = _insert(
+        conn, "users", email=f"admin-{tag}@example.invalid", full_name=f"Admin Seed {tag}",
+        role="admin",
+    )
+    conn.execute(
+        "INSERT INTO clinic_memberships (clinic_id, user_id, role) VALUES (%s, %s, 'admin')",
+        [clinic, admin],
+    )
     provider = _insert(
         conn, "providers", clinic_id=clinic, user_id=user, display_name=f"Dr Seed {tag}",
         specialty="general practice",
@@ -198,7 +208,7 @@ def _seed_clinic(conn: psycopg.Connection[Any], name: str, *, patients: int) -> 
         prescription_ids.append(prescription)
     conn.commit()
     return ClinicSeed(
-        id=clinic, name=name, user_ids=(user,), patient_ids=tuple(patient_ids),
+        id=clinic, name=name, user_ids=(user, admin), patient_ids=tuple(patient_ids),
         provider_ids=(provider,), appointment_ids=tuple(appointment_ids),
         encounter_ids=tuple(encounter_ids), prescription_ids=tuple(prescription_ids),
     )

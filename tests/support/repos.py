@@ -137,4 +137,17 @@ def new_clinic(
     return Clinic(clinic, actor, provider_ids, patient_ids)
 
 
+def staff_member(superuser_url: str, clinic_id: UUID, role: str) -> UUID:
+    """A new user holding `role` in the clinic (staff roles: migrations/0007)."""
+    tag = uuid.uuid4().hex[:10]
+    with psycopg.connect(superuser_url) as conn:
+        row = conn.execute(
+            "INSERT INTO users (email, full_name, role) VALUES (%s, 'Test Staff', %s)"
+            " RETURNING id", (f"{role}-{tag}@example.invalid", role)).fetchone()
+        assert row is not None
+        conn.execute("INSERT INTO clinic_memberships (clinic_id, user_id, role)"
+                     " VALUES (%s, %s, %s)", (clinic_id, row[0], role))
+    return UUID(str(row[0]))
+
+
 MakeDatabase = Callable[..., Database]

@@ -1,22 +1,8 @@
 -- Field encryption: patients.ssn holds ciphertext sealed by the application (AES-256-GCM
--- under the clinic's data key, hcrepo.compliance), searched through its blind index; the
+-- under the clinic's data key, hcrepo.crypto), searched through its blind index; the
 -- clinics' wrapped data keys; the append-only record of key rotations; and SSN visibility
 -- by staff role, enforced here and not only in Python.
--- depends: 0005_staff_and_session_state
-
--- STAND-INS, to be deleted when merged after the roles migration, which defines both for
--- real (the role in force in the transaction, checked against the clinic membership; the
--- break-glass reason). Until then: the settings as they are.
--- No SET search_path (names qualified instead): a SET clause keeps a SQL function from
--- being inlined and costs a configuration save and restore per call, which measured as
--- most of the SSN view's cost on a point read.
-CREATE FUNCTION hcrepo_staff_role() RETURNS text
-LANGUAGE sql STABLE
-AS $$ SELECT nullif(pg_catalog.current_setting('app.role', true), '') $$;
-CREATE FUNCTION hcrepo_emergency() RETURNS boolean
-LANGUAGE sql STABLE
-AS $$ SELECT coalesce(pg_catalog.current_setting('app.emergency_reason', true), '') <> '' $$;
--- END OF STAND-INS
+-- depends: 0007_staff_roles
 
 -- Existing plaintext SSNs cannot be encrypted here: the keys never reach the database. They
 -- are moved aside, out of the application's reach, for `hcrepo keys encrypt-existing`, which

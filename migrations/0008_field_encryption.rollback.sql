@@ -1,4 +1,4 @@
--- Undo 0009_field_encryption. Ciphertexts cannot be decrypted here (the keys never reach
+-- Undo 0008_field_encryption. Ciphertexts cannot be decrypted here (the keys never reach
 -- the database): the rollback refuses while any patient has an encrypted SSN, rather than
 -- drop them; plaintext SSNs still waiting aside go back to their rows.
 
@@ -34,7 +34,3 @@ FROM patients_plaintext_ssn AS aside
 WHERE aside.patient_id = p.id;
 ALTER TABLE patients FORCE ROW LEVEL SECURITY;
 DROP TABLE patients_plaintext_ssn;
-
--- STAND-INS (see the migration): deleted with them at merge.
-DROP FUNCTION hcrepo_emergency();
-DROP FUNCTION hcrepo_staff_role();
