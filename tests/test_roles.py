@@ -48,6 +48,18 @@ MATRIX: dict[str, dict[str, frozenset[str]]] = {
                    "DELETE": NONE},
     "prescriptions": {"SELECT": CLINICAL, "INSERT": frozenset({"doctor"}), "UPDATE": CLINICAL,
                       "DELETE": NONE},
+    # Patients as the application reads them, SSN ciphertext included (a view: its SELECT
+    # cell reads the SSN, which only doctors and admins get; the others see it NULL).
+    "patient_records": {"SELECT": frozenset({"doctor", "admin"}), "INSERT": NONE,
+                        "UPDATE": NONE, "DELETE": NONE},
+    # Wrapped data keys (useless without the master key): whoever may write an SSN creates
+    # the clinic's first one; rotation, as the owner, changes them.
+    "clinic_data_keys": {"SELECT": FRONT_DESK_READ, "INSERT": FRONT_DESK_READ,
+                         "UPDATE": NONE, "DELETE": NONE},
+    "key_rotations": {"SELECT": FRONT_DESK_READ, "INSERT": NONE, "UPDATE": NONE,
+                      "DELETE": NONE},
+    # Plaintext SSNs set aside by the encryption migration: the owner's alone.
+    "patients_plaintext_ssn": {"SELECT": NONE, "INSERT": NONE, "UPDATE": NONE, "DELETE": NONE},
 }
 
 # One statement per cell; each touches the staff clinic's own rows (a refusal is an error
@@ -109,6 +121,35 @@ STATEMENTS: dict[str, dict[str, str]] = {
                   " %(provider)s, 'Placebo', '1', 'daily', 5)",
         "UPDATE": "UPDATE prescriptions SET refills = refills WHERE id = %(prescription)s",
         "DELETE": "DELETE FROM prescriptions WHERE id = %(prescription)s",
+    },
+    "patient_records": {
+        "SELECT": "SELECT id FROM patient_records WHERE id = %(patient)s AND ssn IS NOT NULL",
+        "INSERT": "INSERT INTO patient_records (clinic_id, mrn, first_name, last_name,"
+                  " date_of_birth, sex) VALUES (%(clinic)s, %(mrn)s, 'M', 'Atrix', '2000-01-01',"
+                  " 'unknown')",
+        "UPDATE": "UPDATE patient_records SET phone = '+1 555 0142' WHERE id = %(patient)s",
+        "DELETE": "DELETE FROM patient_records WHERE id = %(patient)s",
+    },
+    "clinic_data_keys": {
+        "SELECT": "SELECT version FROM clinic_data_keys WHERE clinic_id = %(clinic)s",
+        "INSERT": "INSERT INTO clinic_data_keys (clinic_id, version, master_version, wrapped,"
+                  " state) VALUES (%(clinic)s, 2, 1, '\\x00', 'retired')",
+        "UPDATE": "UPDATE clinic_data_keys SET state = state WHERE clinic_id = %(clinic)s",
+        "DELETE": "DELETE FROM clinic_data_keys WHERE clinic_id = %(clinic)s",
+    },
+    "key_rotations": {
+        "SELECT": "SELECT id FROM key_rotations WHERE clinic_id = %(clinic)s",
+        "INSERT": "INSERT INTO key_rotations (clinic_id, kind, event, to_version)"
+                  " VALUES (%(clinic)s, 'data', 'completed', 1)",
+        "UPDATE": "UPDATE key_rotations SET to_version = 1 WHERE clinic_id = %(clinic)s",
+        "DELETE": "DELETE FROM key_rotations WHERE clinic_id = %(clinic)s",
+    },
+    "patients_plaintext_ssn": {
+        "SELECT": "SELECT patient_id FROM patients_plaintext_ssn WHERE clinic_id = %(clinic)s",
+        "INSERT": "INSERT INTO patients_plaintext_ssn (patient_id, clinic_id, ssn)"
+                  " VALUES (gen_random_uuid(), %(clinic)s, '000-00-0000')",
+        "UPDATE": "UPDATE patients_plaintext_ssn SET ssn = ssn WHERE clinic_id = %(clinic)s",
+        "DELETE": "DELETE FROM patients_plaintext_ssn WHERE clinic_id = %(clinic)s",
     },
 }
 
@@ -249,7 +290,7 @@ def test_an_actor_without_a_membership_sees_no_clinical_rows(
         with app_conn.transaction():
             _act(app_conn, staff.id, actor, None)
             for table in MATRIX:
-                if table != "clinics":
+                if table != "clinics" and MATRIX[table]["SELECT"]:  # else no grant at all
                     count = app_conn.execute(f"SELECT count(*) FROM {table}").fetchone()
                     assert count == (0,), table
 

@@ -70,5 +70,16 @@ def staff_clinic(superuser_url: str) -> StaffClinic:
             "INSERT INTO prescriptions (clinic_id, patient_id, prescriber_id, drug_name, dosage,"
             " frequency, quantity) VALUES (%s, %s, %s, 'Placebo', '1', 'daily', 10)",
             clinic, patient, provider)
+        # What the encryption tables hold for a clinic: a wrapped data key, a rotation, an
+        # SSN sealed (a well-formed stand-in: no key is needed to see who may read it), and
+        # a plaintext SSN the encryption migration set aside.
+        conn.execute("INSERT INTO clinic_data_keys (clinic_id, version, master_version,"
+                     " wrapped) VALUES (%s, 1, 1, '\\x00')", (clinic,))
+        conn.execute("INSERT INTO key_rotations (clinic_id, kind, event, to_version)"
+                     " VALUES (%s, 'data', 'started', 1)", (clinic,))
+        conn.execute("UPDATE patients SET ssn = 'hc1:1:AAAA', ssn_bidx = %s WHERE id = %s",
+                     (bytes(32), patient))
+        conn.execute("INSERT INTO patients_plaintext_ssn (patient_id, clinic_id, ssn)"
+                     " VALUES (%s, %s, '000-00-0000')", (patient, clinic))
     return StaffClinic(clinic, members, outsider, provider, patient, appointment, signed,
                        draft, prescription)
