@@ -195,8 +195,10 @@ def test_a_rollback_that_drops_a_table_holding_rows_needs_yes(
     migrate.apply(db.owner_url, setting="owner URL")
     with psycopg.connect(db.superuser_url) as conn:
         conn.execute("INSERT INTO clinics (name) VALUES ('Rollback Clinic')")
-    # The clinical tables 0003 drops are empty: no question.
-    result = hcrepo("migrate", "rollback", "--count", "3", "--database", db.owner_url)
+    # The clinical tables 0003 drops, and those of every later migration, are empty: no
+    # question.
+    later = str(len(MIGRATIONS) - 2)
+    result = hcrepo("migrate", "rollback", "--count", later, "--database", db.owner_url)
     assert (result.returncode, result.stderr) == (0, "")
     assert applied_now(db.owner_url) == MIGRATIONS[:2]
 
