@@ -264,8 +264,9 @@ def _with_rows(backend: Any, tables: list[str]) -> list[str]:
     with backend.connection.cursor() as cursor:  # yoyo's connection is in autocommit
         cursor.execute(
             "SELECT name FROM unnest(%s::text[]) WITH ORDINALITY AS t(name, n) "
-            "WHERE (SELECT sum(pg_relation_size(p.relid)) "
-            "       FROM pg_partition_tree(to_regclass(name)) AS p) > 0 ORDER BY n", [tables],
+            "WHERE pg_relation_size(to_regclass(name)) + coalesce((SELECT sum(pg_relation_size("
+            "p.relid)) FROM pg_partition_tree(to_regclass(name)) AS p), 0) > 0 ORDER BY n",
+            [tables],
         )
         return [str(row[0]) for row in cursor.fetchall()]
 
