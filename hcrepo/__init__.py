@@ -3,6 +3,7 @@
 This module is the whole public API; everything else is internal.
 """
 
+from hcrepo.compliance.trail import TrailEntry, patient_trail
 from hcrepo.config import RoutingPolicy, Settings
 from hcrepo.database import Database
 from hcrepo.errors import (
@@ -63,10 +64,12 @@ __all__ = [
     "SqlFileError",
     "TenantContextMissing",
     "TooManyRows",
+    "TrailEntry",
     "UniqueViolation",
     "UnitOfWork",
     "WriteOutsideUnitOfWork",
     "bind_context",
     "cached",
+    "patient_trail",
     "query",
 ]

@@ -19,6 +19,7 @@ from prometheus_client import generate_latest
 
 from hcrepo import tenancy
 from hcrepo.cache import Cache
+from hcrepo.compliance.sealer import Sealer
 from hcrepo.config import Settings
 from hcrepo.driver_errors import RETRYABLE_SQLSTATES
 from hcrepo.errors import (
@@ -68,6 +69,7 @@ class Database:
         self._router = Router(settings)
         self._cache: Cache | None = Cache.from_settings(settings)
         self.observer = Observer(settings.slow_query_threshold_ms)
+        self._sealer: Sealer | None = None
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Database:
@@ -91,16 +93,24 @@ class Database:
         """Log in to every node, fill the primary's pool, verify every node's role, start
         the health monitor (`Router.open`): a wrong DATABASE_URL, or a role that would
         bypass row-level security, raises `ConfigError` naming the setting within
-        DB_CONNECT_TIMEOUT."""
+        DB_CONNECT_TIMEOUT. With AUDIT_SEALER on, starts the audit sealer thread too."""
         try:
             self._router.open()
         except HcrepoError as error:
             failure = error
         else:
+            if self.settings.audit_sealer and self._sealer is None:
+                self._sealer = Sealer(self.settings.database_url,
+                                      self.settings.audit_seal_interval,
+                                      connect_timeout=self.settings.db_connect_timeout)
+                self._sealer.start()
             return
         raise detached(failure)  # a public boundary: hcrepo's frames hold the URLs
 
     def close(self) -> None:
+        sealer, self._sealer = self._sealer, None
+        if sealer is not None:
+            sealer.stop()  # after one last seal: this process's writes leave chained
         self._router.close()
         if self._cache is not None:
             self._cache.close()

@@ -1,4 +1,5 @@
-"""The `hcrepo` command: one module per subcommand (bootstrap, migrate, check, demo).
+"""The `hcrepo` command: one module per subcommand (bootstrap, migrate, check, audit,
+retention, demo).
 
 Errors a user can fix (settings, arguments, unreachable database, wrong credentials, roles
 that lack a privilege, a destructive step not confirmed) print one line naming the setting
@@ -14,14 +15,15 @@ from collections.abc import Callable, Sequence
 from importlib import metadata
 from typing import NoReturn
 
-from hcrepo.cli import bootstrap, check, demo, migrate
+from hcrepo.cli import audit, bootstrap, check, demo, migrate, retention
 from hcrepo.errors import ConfigError, HcrepoError
 
 Command = Callable[[argparse.Namespace], int]
 
 DESCRIPTION = """\
 Set up and maintain the PostgreSQL database behind hcrepo: create its roles, apply its
-schema migrations, and check an application's queries against the live schema."""
+schema migrations, check an application's queries against the live schema, and keep,
+verify and read its audit trail."""
 
 EPILOG = """\
 first deployment on a PostgreSQL that is already running (docs/deploying.md):
@@ -68,6 +70,6 @@ def _parser() -> argparse.ArgumentParser:
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"hcrepo {version()}")
     commands = parser.add_subparsers(required=True, title="commands")
-    for command in (bootstrap, migrate, check, demo):
+    for command in (bootstrap, migrate, check, audit, retention, demo):
         command.add(commands)
     return parser
