@@ -602,5 +602,5 @@ $$;
 GRANT INSERT ON audit.access_log TO hcrepo_app;
 GRANT EXECUTE ON FUNCTION audit.seal(integer), audit.ensure_partitions(integer) TO hcrepo_app;
 GRANT SELECT ON audit.changes, audit.chain, audit.access_log, audit.auditor_log, audit.purges,
-    audit.tables TO hcrepo_auditor;
+    audit.tables, audit.seal_state TO hcrepo_auditor;
 GRANT EXECUTE ON FUNCTION audit.log_auditor(text, jsonb) TO hcrepo_auditor;

@@ -207,10 +207,11 @@ def test_a_bulk_insert_select_is_audited_by_one_trigger_call(
     count = 200_000
     settings = Settings(database_url=server.app_url, redis_url="", pool_min=1, pool_max=2,
                         audit_sealer=False)
-    with Database(settings) as db, db.context(clinic_id=clinic.id, actor_id=clinic.actor_id):
-        with db.unit_of_work() as uow:
-            assert AuditWrites(uow).bulk_patients(prefix="bulk-", count=count) == count
-            assert AuditWrites(uow).audit_trigger_calls() == 1
+    with (Database(settings) as db,
+          db.context(clinic_id=clinic.id, actor_id=clinic.actor_id),
+          db.unit_of_work() as uow):
+        assert AuditWrites(uow).bulk_patients(prefix="bulk-", count=count) == count
+        assert AuditWrites(uow).audit_trigger_calls() == 1
     with psycopg.connect(server.superuser_url) as conn:
         found = conn.execute(
             "SELECT count(*), count(DISTINCT row_id), count(DISTINCT txid::text), "
@@ -312,7 +313,8 @@ _OWNER_ROWS = {
     "audit.chain": "INSERT INTO audit.chain VALUES (gen_random_uuid(), 1, 0, now(), '\\x00', "
                    "'\\x00')",
     "audit.access_log": "INSERT INTO audit.access_log (recorded_at, clinic_id, query, "
-                        "patient_ids, source) VALUES (now(), gen_random_uuid(), 'q', '{}', 'cache')",
+                        "patient_ids, source) "
+                        "VALUES (now(), gen_random_uuid(), 'q', '{}', 'cache')",
     "audit.purges": "INSERT INTO audit.purges (table_name, partition, rows, change_id) "
                     "VALUES ('t', 'p', 0, 0)",
     "audit.auditor_log": "INSERT INTO audit.auditor_log (command) VALUES ('c')",

@@ -25,7 +25,8 @@ def last_change_id(superuser_url: str) -> int:
 def changes_after(superuser_url: str, clinic_id: UUID, after: int) -> list[dict[str, Any]]:
     """The audit rows of one clinic with an id above `after`, oldest first."""
     with psycopg.connect(superuser_url) as conn:
-        return conn.cursor(row_factory=dict_row).execute(_CHANGES_SQL, [clinic_id, after]).fetchall()
+        cursor = conn.cursor(row_factory=dict_row)
+        return cursor.execute(_CHANGES_SQL, [clinic_id, after]).fetchall()
 
 
 def unlinked(superuser_url: str) -> int:
