@@ -61,28 +61,35 @@ def stack(patients: int = 2000) -> Iterator[Stack]:
     """A primary with the schema applied and one clinic of `patients` patients."""
     with PostgresServer() as server:
         server.start()
-        owner_url = migrate.bootstrap(server.superuser_url, database=DBNAME,
-                                      owner_password=OWNER_PASSWORD)
-        migrate.apply(owner_url, setting="owner URL")
-        migrate.set_role_password(owner_url, migrate.APP_ROLE, APP_PASSWORD)
-        superuser_url = server.url(password=server.superuser_password, dbname=DBNAME)
-        clinic_id, actor_id = uuid.uuid4(), uuid.uuid4()
-        with psycopg.connect(superuser_url, autocommit=True) as conn:
-            conn.execute("INSERT INTO clinics (id, name) VALUES (%s, 'Bench Clinic')", (clinic_id,))
-            rows = conn.execute(
-                """INSERT INTO patients (clinic_id, mrn, first_name, last_name, date_of_birth,
-                       sex, phone, email, address)
-                   SELECT %s, 'MRN' || g, 'First' || g, 'Last' || (g %% 97), DATE '1950-01-01' + g,
-                          'unknown', '+1 555 01' || g, 'p' || g || '@example.test',
-                          g || ' Test Street'
-                   FROM generate_series(1, %s) AS g RETURNING id""",
-                (clinic_id, patients),
-            ).fetchall()
-            conn.execute("VACUUM ANALYZE")
+        made = database(server, DBNAME, patients)
         pin(server)
-        yield Stack(server, superuser_url,
-                    server.url(user=migrate.APP_ROLE, password=APP_PASSWORD, dbname=DBNAME),
-                    clinic_id, actor_id, [row[0] for row in rows])
+        yield made
+
+
+def database(server: PostgresServer, dbname: str, patients: int) -> Stack:
+    """`dbname` on `server`, bootstrapped, migrated, with one clinic of `patients` patients
+    (a second one on the same server compares a variant of the schema with the first)."""
+    owner_url = migrate.bootstrap(server.superuser_url, database=dbname,
+                                  owner_password=OWNER_PASSWORD)
+    migrate.apply(owner_url, setting="owner URL")
+    migrate.set_role_password(owner_url, migrate.APP_ROLE, APP_PASSWORD)
+    superuser_url = server.url(password=server.superuser_password, dbname=dbname)
+    clinic_id, actor_id = uuid.uuid4(), uuid.uuid4()
+    with psycopg.connect(superuser_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO clinics (id, name) VALUES (%s, 'Bench Clinic')", (clinic_id,))
+        rows = conn.execute(
+            """INSERT INTO patients (clinic_id, mrn, first_name, last_name, date_of_birth,
+                   sex, phone, email, address)
+               SELECT %s, 'MRN' || g, 'First' || g, 'Last' || (g %% 97), DATE '1950-01-01' + g,
+                      'unknown', '+1 555 01' || g, 'p' || g || '@example.test',
+                      g || ' Test Street'
+               FROM generate_series(1, %s) AS g RETURNING id""",
+            (clinic_id, patients),
+        ).fetchall()
+        conn.execute("VACUUM ANALYZE")
+    return Stack(server, superuser_url,
+                 server.url(user=migrate.APP_ROLE, password=APP_PASSWORD, dbname=dbname),
+                 clinic_id, actor_id, [row[0] for row in rows])
 
 
 def interleaved(
