@@ -241,7 +241,7 @@ $$;
 
 -- The statement-level trigger of every audited table: one INSERT ... SELECT per statement
 -- from the transition tables, however many rows it changed. TG_ARGV: primary-key column,
--- patient column, then the secret columns. SECURITY DEFINER: the application role cannot
+-- patient column, the secret columns' marker object. SECURITY DEFINER: the application role cannot
 -- write audit.changes itself.
 CREATE FUNCTION audit.record() RETURNS trigger
 LANGUAGE plpgsql
@@ -253,12 +253,12 @@ DECLARE
     staff text := nullif(current_setting('app.role', true), '');
     key text := TG_ARGV[0];
     patient text := TG_ARGV[1];
-    secrets text[] := TG_ARGV[2:];
-    -- A secret column's value never enters the trail, null or not: it shows as this marker,
-    -- so the trail says the column was written or changed, never what it held. Built once
-    -- per statement and laid over each row with one jsonb concatenation: a masking function
-    -- called per row tripled the cost of a bulk insert.
-    marker jsonb := (SELECT jsonb_object_agg(s, '[secret]'::text) FROM unnest(secrets) AS s);
+    -- A secret column's value never enters the trail, null or not: it shows as "[secret]",
+    -- so the trail says the column was written or changed, never what it held. The marker
+    -- object ({"ssn": "[secret]", ...}) is made by audit.enable and laid over each row with
+    -- one jsonb concatenation: a masking function called per row tripled a bulk insert.
+    marker jsonb := TG_ARGV[2]::jsonb;
+    masking boolean := marker <> '{}'::jsonb;
     columns text[];
 BEGIN
     IF actor IS NULL AND NOT audit.maintenance_session() THEN
@@ -274,13 +274,15 @@ BEGIN
         INSERT INTO audit.changes (actor_id, clinic_id, staff_role, action, table_name, row_id,
                                    patient_id, changed, old, new)
         SELECT actor, (r.j ->> 'clinic_id')::uuid, staff, 'INSERT', TG_TABLE_NAME, r.j ->> key,
-               (r.j ->> patient)::uuid, columns, NULL, coalesce(r.j || marker, r.j)
+               (r.j ->> patient)::uuid, columns, NULL,
+               CASE WHEN masking THEN r.j || marker ELSE r.j END
         FROM (SELECT to_jsonb(n) AS j FROM new_rows AS n) AS r;
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO audit.changes (actor_id, clinic_id, staff_role, action, table_name, row_id,
                                    patient_id, changed, old, new)
         SELECT actor, (r.j ->> 'clinic_id')::uuid, staff, 'DELETE', TG_TABLE_NAME, r.j ->> key,
-               (r.j ->> patient)::uuid, columns, coalesce(r.j || marker, r.j), NULL
+               (r.j ->> patient)::uuid, columns,
+               CASE WHEN masking THEN r.j || marker ELSE r.j END, NULL
         FROM (SELECT to_jsonb(o) AS j FROM old_rows AS o) AS r;
     ELSIF TG_OP = 'UPDATE' THEN
         -- Old and new rows pair up by primary key; a row whose key changed is unmatched on
@@ -297,10 +299,10 @@ BEGIN
         CROSS JOIN LATERAL (
             SELECT coalesce(array_agg(e.key ORDER BY e.key), '{}') AS changed,
                    CASE WHEN p.oj IS NOT NULL THEN coalesce(jsonb_object_agg(e.key,
-                       CASE WHEN e.key = ANY (secrets) THEN marker -> e.key ELSE p.oj -> e.key END
+                       CASE WHEN marker ? e.key THEN marker -> e.key ELSE p.oj -> e.key END
                    ), '{}') END AS o,
                    CASE WHEN p.nj IS NOT NULL THEN coalesce(jsonb_object_agg(e.key,
-                       CASE WHEN e.key = ANY (secrets) THEN marker -> e.key ELSE p.nj -> e.key END
+                       CASE WHEN marker ? e.key THEN marker -> e.key ELSE p.nj -> e.key END
                    ), '{}') END AS n
             FROM jsonb_each(coalesce(p.nj, p.oj)) AS e
             WHERE p.oj IS NULL OR p.nj IS NULL OR e.value IS DISTINCT FROM p.oj -> e.key
@@ -347,8 +349,9 @@ BEGIN
         RAISE EXCEPTION 'audit.enable: % has no column %', target, missing;
     END IF;
 
-    args := array_to_string(ARRAY(SELECT quote_literal(x)
-                                  FROM unnest(ARRAY[key, patient_column] || merged) AS x), ', ');
+    args := format('%L, %L, %L', key, patient_column,
+                   (SELECT coalesce(jsonb_object_agg(s, '[secret]'::text), '{}')
+                    FROM unnest(merged) AS s)::text);
     EXECUTE format('DROP TRIGGER IF EXISTS audit_insert ON %s', target);
     EXECUTE format('DROP TRIGGER IF EXISTS audit_update ON %s', target);
     EXECUTE format('DROP TRIGGER IF EXISTS audit_delete ON %s', target);
