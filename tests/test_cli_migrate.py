@@ -251,7 +251,8 @@ def test_version_comes_from_the_package_metadata() -> None:
 
 def test_help_is_written_for_users_and_lists_the_actions() -> None:
     top = hcrepo("--help").stdout
-    assert top.startswith("usage: hcrepo [-h] [--version] {bootstrap,migrate,check,demo} ...")
+    assert top.startswith("usage: hcrepo [-h] [--version]\n"
+                          "              {bootstrap,migrate,check,audit,retention,demo} ...")
     assert "one module per subcommand" not in top
     assert "hcrepo bootstrap --superuser-url" in top and "exit status" in top
     assert hcrepo("migrate", "--help").stdout.startswith(
