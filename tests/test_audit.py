@@ -259,6 +259,10 @@ def test_a_write_without_an_actor_fails_in_the_database(
             conn.execute("INSERT INTO patients (clinic_id, mrn, first_name, last_name, "
                          "date_of_birth, sex) VALUES (%s, 'no-actor', 'a', 'b', '1990-01-01', "
                          "'unknown')", [clinic.id])
+        conn.rollback()
+        # A statement that changes no row writes nothing and needs no actor.
+        conn.execute("SELECT set_config('app.clinic_id', %s, true)", [str(clinic.id)])
+        assert conn.execute("UPDATE patients SET phone = 'x' WHERE false").rowcount == 0
     assert trail.new() == []
 
 
