@@ -55,6 +55,19 @@ def _delays(s: Stack, after: int) -> tuple[float, float, int]:
     return float(row[0]), float(row[1]), int(row[2])
 
 
+def _sealed(s: Stack, timeout: float = 30.0) -> None:
+    """Wait (bounded) until the sealer has linked every change, so that the delays below
+    include the slowest."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(s.superuser_url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute("SELECT count(*) FROM audit.changes c WHERE NOT EXISTS "
+                               "(SELECT FROM audit.chain k WHERE k.change_id = c.id)").fetchone()
+            if row is None or row[0] == 0:
+                return
+            time.sleep(0.05)
+
+
 def _last_change(s: Stack) -> int:
     with psycopg.connect(s.superuser_url) as conn:
         row = conn.execute("SELECT coalesce(max(id), 0) FROM audit.changes").fetchone()
@@ -115,8 +128,7 @@ def main() -> str:
                                          calls_per_slice=40, warmup=100)
             thread_medians = interleaved({n: threads(n) for n in dbs}, rounds=10,
                                          calls_per_slice=3, warmup=2)
-            # Give the sealer a moment to link the last slice's rows before measuring.
-            time.sleep(1.0)
+            _sealed(audited)
             p50, p99, sealed = _delays(audited, mark)
             # Seconds per call: two rounds (one Williams design) keep the run near two minutes.
             bulk_medians = interleaved({n: bulk(n) for n in dbs}, rounds=2, calls_per_slice=1,
