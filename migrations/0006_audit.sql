@@ -544,6 +544,9 @@ BEGIN
         EXECUTE format('SELECT count(*) FROM audit.%I', partition) INTO row_count;
         IF apply THEN
             IF parent = 'changes' THEN
+                -- Wait for a running sealer, then hold its lock to the end: every change of
+                -- the partition is linked before the boundary is read, and none after.
+                PERFORM pg_advisory_xact_lock(hashtext('hcrepo audit.seal'));
                 WHILE audit.seal(10000) > 0 LOOP END LOOP;
                 EXECUTE format(
                     'SELECT coalesce(jsonb_object_agg(b.clinic_id, b.seq), ''{}'') FROM '
