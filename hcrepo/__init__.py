@@ -3,6 +3,7 @@
 This module is the whole public API; everything else is internal.
 """
 
+from hcrepo.compliance.trail import TrailEntry, patient_trail
 from hcrepo.config import RoutingPolicy, Settings
 from hcrepo.crypto.keys import MasterKeys
 from hcrepo.database import Database
@@ -78,6 +79,7 @@ __all__ = [
     "SqlFileError",
     "TenantContextMissing",
     "TooManyRows",
+    "TrailEntry",
     "UniqueViolation",
     "UnitOfWork",
     "WriteOutsideUnitOfWork",
@@ -85,5 +87,6 @@ __all__ = [
     "cached",
     "mask",
     "mask_record",
+    "patient_trail",
     "query",
 ]

@@ -171,6 +171,11 @@ class Settings(BaseSettings):
     # Directory of the spill files (0600, fsynced per batch); unset: rows past
     # ACCESS_LOG_MAX_BUFFERED are dropped, counted and logged.
     access_log_spill_dir: str | None = _setting("ACCESS_LOG_SPILL_DIR", None)
+    # The audit sealer thread Database.open() starts (hcrepo.compliance.sealer): how often it
+    # links committed audit rows into the hash chain. Off where a cron job runs
+    # `hcrepo audit seal` instead; any number of processes may run one (one seals at a time).
+    audit_sealer: bool = _setting("AUDIT_SEALER", True)
+    audit_seal_interval: Seconds = _setting("AUDIT_SEAL_INTERVAL", 0.2, gt=0)
 
     @field_validator("database_url")
     @classmethod
@@ -295,14 +300,62 @@ class Settings(BaseSettings):
             raise _decoding_error(exc) from None
 
 
-def _setting_name(field_name: str) -> str:
-    field = Settings.model_fields.get(field_name)
+class AuditSettings(BaseSettings):
+    """What the audit commands read (`hcrepo audit`, `hcrepo retention`, patient_trail): no
+    DATABASE_URL needed, since an auditor's machine may hold only the auditor's URL."""
+
+    model_config = SettingsConfigDict(
+        populate_by_name=True, extra="ignore", frozen=True, validate_default=True
+    )
+
+    auditor_url: str | None = _setting("HCREPO_AUDITOR_URL", None)
+    owner_url: str | None = _setting("HCREPO_OWNER_URL", None)
+    # The HMAC key of `hcrepo audit digest`: kept outside the database, so that whoever can
+    # rewrite the audit tables cannot sign a digest of the rewritten chain.
+    digest_key: SecretStr | None = _setting("HCREPO_AUDIT_DIGEST_KEY", None)
+    audit_retention_days: int = _setting("AUDIT_RETENTION_DAYS", 2555, ge=1)
+    access_log_retention_days: int = _setting("ACCESS_LOG_RETENTION_DAYS", 2555, ge=1)
+
+    @field_validator("auditor_url", "owner_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return None if not value else _check_url(value)
+
+    @field_validator("digest_key")
+    @classmethod
+    def _digest_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        if len(value.get_secret_value().encode()) < 16:
+            raise ValueError("must be at least 16 bytes")
+        return value
+
+    @classmethod
+    def load(cls, **overrides: Any) -> AuditSettings:
+        """From the environment plus overrides; `ConfigError` naming the setting on error."""
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            raise _as_config_error(exc, cls) from None
+        except SettingsError as exc:
+            raise _decoding_error(exc, cls) from None
+
+    def require(self, field: str) -> str:
+        """The value of an optional URL or key setting, or `ConfigError` saying it is unset."""
+        value = getattr(self, field)
+        if value is None:
+            raise ConfigError(_setting_name(field, type(self)), "is required but not set")
+        return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+
+
+def _setting_name(field_name: str, model: type[BaseSettings] = Settings) -> str:
+    field = model.model_fields.get(field_name)
     return field.alias if field is not None and field.alias else field_name
 
 
-def _decoding_error(exc: SettingsError) -> ConfigError:
+def _decoding_error(exc: SettingsError, model: type[BaseSettings] = Settings) -> ConfigError:
     found = re.search(r'field "(\w+)"', str(exc))
-    setting = _setting_name(found.group(1)) if found else "settings"
+    setting = _setting_name(found.group(1), model) if found else "settings"
     cause = exc.__cause__
     if isinstance(cause, json.JSONDecodeError):
         # msg and pos only: the decoder's full text quotes no value, but keep it that way.
@@ -310,10 +363,10 @@ def _decoding_error(exc: SettingsError) -> ConfigError:
     return ConfigError(setting, "cannot be decoded")
 
 
-def _as_config_error(exc: ValidationError) -> ConfigError:
+def _as_config_error(exc: ValidationError, model: type[BaseSettings] = Settings) -> ConfigError:
     error = exc.errors(include_url=False, include_input=False)[0]
     location = error.get("loc") or ("settings",)
-    setting = _setting_name(str(location[0]))
+    setting = _setting_name(str(location[0]), model)
     if error.get("type") == "missing":
         return ConfigError(setting, "is required but not set")
     message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")

@@ -20,6 +20,7 @@ from prometheus_client import generate_latest
 from hcrepo import tenancy
 from hcrepo.cache import Cache
 from hcrepo.compliance.access_log import AccessLog
+from hcrepo.compliance.sealer import Sealer
 from hcrepo.config import Settings
 from hcrepo.crypto.keyring import Keyring
 from hcrepo.crypto.keys import MasterKeys
@@ -94,6 +95,7 @@ class Database:
             master_keys or settings.master_keys(), PrimaryKeyStore(lambda: self._router.primary),
             settings.blind_index(),
         )
+        self._sealer: Sealer | None = None
 
     @classmethod
     def from_env(
@@ -122,7 +124,7 @@ class Database:
         """Log in to every node, fill the primary's pool, verify every node's role, start
         the health monitor (`Router.open`): a wrong DATABASE_URL, or a role that would
         bypass row-level security, raises `ConfigError` naming the setting within
-        DB_CONNECT_TIMEOUT."""
+        DB_CONNECT_TIMEOUT. With AUDIT_SEALER on, starts the audit sealer thread too."""
         try:
             self._router.open()
         except HcrepoError as error:
@@ -130,12 +132,20 @@ class Database:
         else:
             if self._access is not None:
                 self._access.open()
+            if self.settings.audit_sealer and self._sealer is None:
+                self._sealer = Sealer(self.settings.database_url,
+                                      self.settings.audit_seal_interval,
+                                      connect_timeout=self.settings.db_connect_timeout)
+                self._sealer.start()
             return
         raise detached(failure)  # a public boundary: hcrepo's frames hold the URLs
 
     def close(self) -> None:
-        """Write the PHI access log's rows (spilled if the primary cannot take them), then
-        close pools and the cache."""
+        """Seal this process's audit rows, write the PHI access log's rows (spilled if the
+        primary cannot take them), then close pools and the cache."""
+        sealer, self._sealer = self._sealer, None
+        if sealer is not None:
+            sealer.stop()  # after one last seal: this process's writes leave chained
         if self._access is not None:
             self._access.close()
         self._router.close()

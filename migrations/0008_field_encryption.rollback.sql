@@ -26,6 +26,9 @@ ALTER TABLE patients DROP CONSTRAINT patients_clinic_ssn_bidx_key;
 ALTER TABLE patients DROP CONSTRAINT patients_ssn_has_bidx;
 ALTER TABLE patients DROP CONSTRAINT patients_ssn_bidx_is_hmac;
 ALTER TABLE patients DROP CONSTRAINT patients_ssn_is_ciphertext;
+UPDATE audit.tables SET secrets = array_remove(secrets, 'ssn_bidx')
+WHERE relid = 'public.patients'::regclass;
+DO $$ BEGIN PERFORM audit.enable('public.patients', '{}', 'id'); END $$;
 ALTER TABLE patients DROP COLUMN ssn_bidx;
 
 ALTER TABLE patients_plaintext_ssn NO FORCE ROW LEVEL SECURITY;  -- every clinic's, here

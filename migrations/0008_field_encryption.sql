@@ -39,6 +39,9 @@ ALTER TABLE patients ADD CONSTRAINT patients_ssn_bidx_is_hmac
 ALTER TABLE patients ADD CONSTRAINT patients_ssn_has_bidx
     CHECK ((ssn IS NULL) = (ssn_bidx IS NULL));
 ALTER TABLE patients ADD CONSTRAINT patients_clinic_ssn_bidx_key UNIQUE (clinic_id, ssn_bidx);
+-- The blind index says which patients share an SSN: secret in the audit trail like the
+-- ciphertext (recorded as changed, never as a value).
+DO $$ BEGIN PERFORM audit.enable('public.patients', ARRAY['ssn_bidx'], 'id'); END $$;
 
 -- SSN by role. The application role may not read the ssn column at all (a column grant
 -- of everything else): a role that may not see it cannot select, filter, sort or return

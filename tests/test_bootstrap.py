@@ -50,7 +50,7 @@ def cluster(own_server: PostgresServer) -> Iterator[PostgresServer]:
             "SELECT datname FROM pg_database WHERE datname <> 'postgres' AND NOT datistemplate"
         ).fetchall():
             conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
-        for role in (migrate.APP_ROLE, migrate.OWNER_ROLE, *EXTRA_ROLES):
+        for role in (migrate.AUDITOR_ROLE, migrate.APP_ROLE, migrate.OWNER_ROLE, *EXTRA_ROLES):
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
 
@@ -97,6 +97,7 @@ def test_bootstrap_then_migrate_then_the_application_connects(cluster: PostgresS
     assert first.stdout == (
         "# role hcrepo_owner: created, password set\n"
         "# role hcrepo_app: created, password set\n"
+        "# role hcrepo_auditor: created without a login\n"
         "# database hcrepo: created, owned by hcrepo_owner\n" + exports
     )
     again = hcrepo("bootstrap", "--superuser-url", su, env=PASSWORDS)
@@ -104,6 +105,7 @@ def test_bootstrap_then_migrate_then_the_application_connects(cluster: PostgresS
     assert again.stdout == (
         "# role hcrepo_owner: exists, kept, password set\n"
         "# role hcrepo_app: exists, kept, password set\n"
+        "# role hcrepo_auditor: exists, kept\n"
         "# database hcrepo: exists, owned by hcrepo_owner\n" + exports
     )
     assert OWNER_PW not in first.stdout + again.stdout and APP_PW not in first.stdout
@@ -150,8 +152,8 @@ def test_migrate_as_the_teams_own_role_is_refused_up_front_until_bootstrap(
     assert (refused.returncode, refused.stdout) == (2, "")
     assert_one_line(
         refused.stderr, starts="hcrepo: HCREPO_OWNER_URL: role hcrepo_owner does not exist "
-        "(the migrations' policies name it); role hcrepo_app does not exist and team_owner "
-        "lacks CREATEROLE; nothing applied", contains="hcrepo bootstrap",
+        "(the migrations' policies name it); role hcrepo_app and role hcrepo_auditor do not "
+        "exist and team_owner lacks CREATEROLE; nothing applied", contains="hcrepo bootstrap",
     )
     assert nothing_applied(cluster, "clinic")
 
@@ -173,8 +175,9 @@ def test_an_owner_without_createrole_is_adopted_and_migrate_needs_none(
     old_url = cluster.url(user="hcrepo_owner", password="old-pw", dbname="clinic")
     refused = hcrepo("migrate", "apply", "--database", old_url)
     assert refused.returncode == 2
-    assert_one_line(refused.stderr, starts="hcrepo: --database: role hcrepo_app does not exist "
-                    "and hcrepo_owner lacks CREATEROLE; nothing applied")
+    assert_one_line(refused.stderr, starts="hcrepo: --database: role hcrepo_app and role "
+                    "hcrepo_auditor do not exist and hcrepo_owner lacks CREATEROLE; nothing "
+                    "applied")
     assert nothing_applied(cluster, "clinic")
 
     done = hcrepo("bootstrap", "--superuser-url", cluster.superuser_url, "--database",

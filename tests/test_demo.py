@@ -69,6 +69,8 @@ def test_demo_exits_0_and_shows_each_clinic_only_its_patients(scratch: Path) -> 
     assert "(not the SSN)\n" in out
     assert "through the blind index: E-0001 (decrypted for the doctor: the same SSN)\n" in out
     assert demo.DEMO_SSN not in out and demo.DEMO_SSN[-4:] not in out
+    assert " clinic chains, verified; trail of N-0001 as hcrepo_auditor:\n" in out
+    assert "  changed update patients [phone, updated_at] by " in out
     # MRNs only: names and birth dates are PHI, even fake ones.
     for _mrn, first, last, born, _sex in (p for ps in demo.CLINICS.values() for p in ps):
         assert first not in out and last not in out and born not in out

@@ -33,8 +33,9 @@ from tests.plugins.servers import WaitReplayed
 
 
 def _declared_tenant_tables() -> list[str]:
-    """Tables of public the forward migrations create with (or later give) a clinic_id
-    column."""
+    """Tables of schema public the forward migrations create with (or later give) a
+    clinic_id column. The audit schema's tables carry clinic_id too, but the application role
+    cannot read them and the auditor reads them across clinics (tests/test_audit*.py)."""
     tables: set[str] = set()
     for path in sorted(migrate.migrations_dir().glob("*.sql")):
         if path.name.endswith(".rollback.sql"):

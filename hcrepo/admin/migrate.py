@@ -29,6 +29,8 @@ from hcrepo.shipped import shipped_dir
 
 OWNER_ROLE = "hcrepo_owner"
 APP_ROLE = "hcrepo_app"
+# Reads the audit schema across clinics and nothing else (migrations/0006_audit.sql).
+AUDITOR_ROLE = "hcrepo_auditor"
 
 
 class MigrationFailed(HcrepoError):
@@ -63,13 +65,15 @@ _ROLE_ATTRIBUTES = {
     # rollback; an adopted owner keeps whatever CREATEROLE it had (migrate needs none).
     OWNER_ROLE: "LOGIN CREATEROLE NOSUPERUSER NOBYPASSRLS NOCREATEDB",
     APP_ROLE: "LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE NOREPLICATION",
+    AUDITOR_ROLE: "LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE NOREPLICATION",
 }
 _ROLE_SQL = "SELECT * FROM pg_roles WHERE rolname = %s"
 
 
 def bootstrap(
     superuser_url: str, *, database: str, owner_password: str, app_password: str | None = None,
-    setting: str = "superuser URL", report: Callable[[str], None] | None = None,
+    auditor_password: str | None = None, setting: str = "superuser URL",
+    report: Callable[[str], None] | None = None,
 ) -> str:
     """Create or adopt the owner role, the application role and a database the owner owns;
     return the owner's URL. Needs a superuser, or a role with CREATEROLE and CREATEDB (a
@@ -77,17 +81,19 @@ def bootstrap(
 
     Idempotent: re-running sets the passwords again and changes nothing else. An existing
     role with attributes that defeat row-level security is refused before anything changes.
-    `app_password` None leaves hcrepo_app's password as it is; `report` gets one line per
-    role and for the database.
+    `app_password` None leaves hcrepo_app's password as it is; hcrepo_auditor gets a login
+    only with an `auditor_password` (None: a new one is created without a login, an existing
+    one is left as it is); `report` gets one line per role and for the database.
     """
     say = report or (lambda _line: None)
     with connect(superuser_url, setting, autocommit=True) as conn, _translated(setting):
-        roles = {name: _role(conn, name) for name in (OWNER_ROLE, APP_ROLE)}
+        roles = {name: _role(conn, name) for name in (OWNER_ROLE, APP_ROLE, AUDITOR_ROLE)}
         me = _role(conn, None)
         assert me is not None  # the connected role exists
         _refuse_bootstrap(setting, conn, database, roles, me)
         say(_ensure_role(conn, OWNER_ROLE, roles[OWNER_ROLE], owner_password))
         say(_ensure_role(conn, APP_ROLE, roles[APP_ROLE], app_password))
+        say(_ensure_role(conn, AUDITOR_ROLE, roles[AUDITOR_ROLE], auditor_password))
         if not me["rolsuper"]:
             # CREATE/ALTER DATABASE ... OWNER needs a non-superuser to be a member of it.
             conn.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(sql.Identifier(OWNER_ROLE)))
@@ -137,6 +143,13 @@ def _role(conn: psycopg.Connection, name: str | None) -> dict[str, Any] | None:
 def _ensure_role(
     conn: psycopg.Connection, name: str, existing: dict[str, Any] | None, password: str | None
 ) -> str:
+    if name == AUDITOR_ROLE and password is None:
+        # Nobody reads the audit trail until someone is given its password.
+        if existing is not None:
+            return f"role {name}: exists, kept"
+        conn.execute(sql.SQL("CREATE ROLE {} {}").format(
+            sql.Identifier(name), sql.SQL(_ROLE_ATTRIBUTES[name].replace("LOGIN", "NOLOGIN", 1))))
+        return f"role {name}: created without a login"
     verb, attributes = ("ALTER", "LOGIN") if existing else ("CREATE", _ROLE_ATTRIBUTES[name])
     statement = sql.SQL("{} ROLE {} {}").format(
         sql.SQL(verb), sql.Identifier(name), sql.SQL(attributes)
@@ -174,9 +187,10 @@ def _translated(setting: str) -> Iterator[None]:
 
 
 def set_role_password(owner_url: str, role: str, password: str) -> None:
-    """Set a login role's password as the owner (CREATEROLE), e.g. for hcrepo_app."""
+    """Give a role a login with this password as the owner (CREATEROLE), e.g. for hcrepo_app
+    or hcrepo_auditor (which the migrations create without a login)."""
     with connect(owner_url, "owner URL", autocommit=True) as conn:
-        conn.execute(sql.SQL("ALTER ROLE {}").format(sql.Identifier(role)) +
+        conn.execute(sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(role)) +
                      _password(conn, role, password))
 
 
@@ -245,11 +259,14 @@ def _dropped_tables(path: str) -> list[str]:
 
 def _with_rows(backend: Any, tables: list[str]) -> list[str]:
     # Row-level security hides rows from the owner without a clinic, so a count would say
-    # "empty" about a full table: a table with any page on disk is taken to hold rows.
+    # "empty" about a full table: a table with any page on disk is taken to hold rows. A
+    # partitioned table (the audit trail) has no pages of its own: its partitions count.
     with backend.connection.cursor() as cursor:  # yoyo's connection is in autocommit
         cursor.execute(
             "SELECT name FROM unnest(%s::text[]) WITH ORDINALITY AS t(name, n) "
-            "WHERE pg_relation_size(to_regclass(name)) > 0 ORDER BY n", [tables],
+            "WHERE pg_relation_size(to_regclass(name)) + coalesce((SELECT sum(pg_relation_size("
+            "p.relid)) FROM pg_partition_tree(to_regclass(name)) AS p), 0) > 0 ORDER BY n",
+            [tables],
         )
         return [str(row[0]) for row in cursor.fetchall()]
 
@@ -277,16 +294,20 @@ def _migrate_problems(conn: psycopg.Connection) -> list[str]:
     ).fetchone()
     assert me is not None and facts is not None  # the connected role and database exist
     name, db, superuser = facts["me"], facts["db"], me["rolsuper"]
-    app = _role(conn, APP_ROLE)
+    missing = [role for role in (APP_ROLE, AUDITOR_ROLE) if _role(conn, role) is None]
     problems = []
     if facts["owner_member"] is None:
         problems.append(f"role {OWNER_ROLE} does not exist (the migrations' policies name it)")
     elif not facts["owner_member"]:
         problems.append(f"{name} is not {OWNER_ROLE} nor a member of it")
-    if app is None and not (superuser or me["rolcreaterole"]):
-        problems.append(f"role {APP_ROLE} does not exist and {name} lacks CREATEROLE")
-    elif app is not None and (unsafe := _unsafe_role(APP_ROLE, app, tuple(_UNSAFE))):
-        problems.append(unsafe)
+    if missing and not (superuser or me["rolcreaterole"]):
+        roles = " and ".join(f"role {role}" for role in missing)
+        problems.append(f"{roles} {'does' if len(missing) == 1 else 'do'} not exist and "
+                        f"{name} lacks CREATEROLE")
+    for role_name in (APP_ROLE, AUDITOR_ROLE):
+        role = _role(conn, role_name)
+        if role is not None and (unsafe := _unsafe_role(role_name, role, tuple(_UNSAFE))):
+            problems.append(unsafe)
     if not facts["owns_db"]:
         problems.append(f"{name} does not own database {db}")
     elif not facts["creates_in_db"]:

@@ -1,4 +1,5 @@
-"""The `hcrepo` command: one module per subcommand (bootstrap, migrate, check, keys, demo).
+"""The `hcrepo` command: one module per subcommand (bootstrap, migrate, check, keys, audit,
+retention, demo).
 
 Errors a user can fix (settings, arguments, unreachable database, wrong credentials, roles
 that lack a privilege, a destructive step not confirmed) print one line naming the setting
@@ -14,15 +15,15 @@ from collections.abc import Callable, Sequence
 from importlib import metadata
 from typing import NoReturn
 
-from hcrepo.cli import bootstrap, check, demo, keys, migrate
+from hcrepo.cli import audit, bootstrap, check, demo, keys, migrate, retention
 from hcrepo.errors import ConfigError, HcrepoError
 
 Command = Callable[[argparse.Namespace], int]
 
 DESCRIPTION = """\
 Set up and maintain the PostgreSQL database behind hcrepo: create its roles, apply its
-schema migrations, check an application's queries against the live schema, and rotate the
-keys of encrypted columns."""
+schema migrations, check an application's queries against the live schema, rotate the
+keys of encrypted columns, and keep, verify and read its audit trail."""
 
 EPILOG = """\
 first deployment on a PostgreSQL that is already running (docs/deploying.md):
@@ -69,6 +70,6 @@ def _parser() -> argparse.ArgumentParser:
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"hcrepo {version()}")
     commands = parser.add_subparsers(required=True, title="commands")
-    for command in (bootstrap, migrate, check, keys, demo):
+    for command in (bootstrap, migrate, check, keys, audit, retention, demo):
         command.add(commands)
     return parser

@@ -16,6 +16,8 @@ Create, or adopt when they exist, what hcrepo needs in a PostgreSQL cluster:
 
   {migrate.OWNER_ROLE}   owns the database and the schema; `hcrepo migrate` connects as it
   {migrate.APP_ROLE}     the application's role: no superuser, no BYPASSRLS, owns nothing
+  {migrate.AUDITOR_ROLE} reads the audit trail across clinics, nothing else (only when
+                   its password variable is set; the migrations create it without a login)
   the database     owned by {migrate.OWNER_ROLE} (an existing one is handed to it)
 
 The passwords come from environment variables, never from the command line. Running it
@@ -24,7 +26,7 @@ privileges that defeat row-level security is refused before anything changes.
 
 Connect as a superuser, or as a managed service's administrator (Amazon RDS master user,
 Cloud SQL's cloudsqlsuperuser member): a role with CREATEROLE and CREATEDB is enough.
-It prints the two URLs to export, with the passwords left as ${{VARIABLE}} references."""
+It prints the URLs to export, with the passwords left as ${{VARIABLE}} references."""
 
 
 def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -42,6 +44,10 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--app-password-env", default="HCREPO_APP_PASSWORD", type=_variable,
                         metavar="VAR", help=f"variable holding {migrate.APP_ROLE}'s password "
                         "(default: HCREPO_APP_PASSWORD)")
+    parser.add_argument("--auditor-password-env", default="HCREPO_AUDITOR_PASSWORD",
+                        type=_variable, metavar="VAR",
+                        help=f"variable holding {migrate.AUDITOR_ROLE}'s password; unset: no "
+                        "auditor login (default: HCREPO_AUDITOR_PASSWORD)")
     parser.set_defaults(command=run)
 
 
@@ -49,13 +55,20 @@ def run(args: argparse.Namespace) -> int:
     variables = {migrate.OWNER_ROLE: args.owner_password_env,
                  migrate.APP_ROLE: args.app_password_env}
     passwords = {role: _password(variable, role) for role, variable in variables.items()}
+    urls = [("HCREPO_OWNER_URL", migrate.OWNER_ROLE), ("DATABASE_URL", migrate.APP_ROLE)]
+    # The auditor is optional: a deployment may give nobody the audit trail's login yet.
+    if os.environ.get(args.auditor_password_env) is not None:
+        variables[migrate.AUDITOR_ROLE] = args.auditor_password_env
+        passwords[migrate.AUDITOR_ROLE] = _password(args.auditor_password_env,
+                                                    migrate.AUDITOR_ROLE)
+        urls.append(("HCREPO_AUDITOR_URL", migrate.AUDITOR_ROLE))
     migrate.bootstrap(
         args.superuser_url, database=args.database, owner_password=passwords[migrate.OWNER_ROLE],
-        app_password=passwords[migrate.APP_ROLE], setting="--superuser-url",
+        app_password=passwords[migrate.APP_ROLE],
+        auditor_password=passwords.get(migrate.AUDITOR_ROLE), setting="--superuser-url",
         report=lambda line: print(f"# {line}"),
     )
-    for setting, role in (("HCREPO_OWNER_URL", migrate.OWNER_ROLE),
-                          ("DATABASE_URL", migrate.APP_ROLE)):
+    for setting, role in urls:
         if quote(passwords[role], safe="") != passwords[role]:
             print(f"# {variables[role]} has characters a URL must percent-encode: "
                   f"write them encoded in {setting}")

@@ -6,10 +6,11 @@ two clinics are seeded through the healthcare repositories, each clinic sees onl
 patients, a missing clinic is refused before any round trip, row-level security refuses a
 cross-clinic write, a read right after a write sees it while the replica's replay is paused,
 a cached read is invalidated by a commit, a double booking is refused, a receptionist is
-refused a clinical note and a nurse breaks the glass to read one, recorded and alerted, and
-an SSN is stored encrypted and found through its blind index. Everything is removed on exit,
-on error too. Output names clinics, MRNs and counts, never PHI; a patient is printed once,
-as its repr masks it.
+refused a clinical note and a nurse breaks the glass to read one, recorded and alerted,
+an SSN is stored encrypted and found through its blind index, and the audit chain is
+verified and one patient's trail shown as the auditor role. Everything is removed on
+exit, on error too. Output names clinics, MRNs and counts, never PHI; a patient is
+printed once, as its repr masks it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ from hcrepo import (
 )
 from hcrepo.admin import migrate
 from hcrepo.admin.connect import conninfo_url
+from hcrepo.compliance import auditor
+from hcrepo.compliance.sealer import seal_pending
+from hcrepo.compliance.trail import patient_trail
+from hcrepo.compliance.verify import verify
 from hcrepo.healthcare import (
     AppointmentRepository,
     ClinicRepository,
@@ -85,10 +90,10 @@ def run(out: TextIO = sys.stdout) -> int:
         replica = primary.create_replica()
         redis = servers.enter_context(RedisServer())
         out.write(f"streaming replica on port {replica.port}, Redis on port {redis.port}\n")
-        app_password = secrets.token_urlsafe()
+        app_password, auditor_password = secrets.token_urlsafe(), secrets.token_urlsafe()
         owner_url = migrate.bootstrap(
             primary.superuser_url, database="hcrepo_demo", owner_password=secrets.token_urlsafe(),
-            app_password=app_password,
+            app_password=app_password, auditor_password=auditor_password,
         )
         applied = migrate.apply(owner_url, setting="demo owner URL")
         out.write(f"migrations applied as {migrate.OWNER_ROLE}: {', '.join(applied)}\n")
@@ -104,13 +109,16 @@ def run(out: TextIO = sys.stdout) -> int:
             blind_index_key=base64.b64encode(secrets.token_bytes(32)).decode(),
         )
         with Database(settings, on_emergency_access=lambda access: _alert(out, access)) as db:
-            _walk_through(db, out, replica, app_url)
+            patient_id = _walk_through(db, out, replica, app_url)
             _encrypted_ssn(db, out, conninfo_url(primary.superuser_url, dbname="hcrepo_demo"))
+        # After close: this process's audit rows sealed, its access log written.
+        _audit_trail(app_url, conninfo_url(owner_url, user=migrate.AUDITOR_ROLE,
+                                           password=auditor_password), patient_id, out)
     out.write("\nservers stopped and removed\n")
     return 0
 
 
-def _walk_through(db: Database, out: TextIO, replica: PostgresServer, app_url: str) -> None:
+def _walk_through(db: Database, out: TextIO, replica: PostgresServer, app_url: str) -> UUID:
     staffed = {name: _seed(db, name, people) for name, people in CLINICS.items()}
     clinics = {name: clinic_id for name, (clinic_id, _admin, _doctor) in staffed.items()}
     out.write(f"connected as {migrate.APP_ROLE}; seeded {len(clinics)} clinics\n\n")
@@ -153,6 +161,23 @@ def _walk_through(db: Database, out: TextIO, replica: PostgresServer, app_url: s
     _roles(db, out, north, (admin, doctor), patient.id)
     served = {name: node["served"] for name, node in db.health()["nodes"].items()}
     out.write(f"reads served per node: {served}\n")
+    return patient.id
+
+
+def _audit_trail(app_url: str, auditor_url: str, patient_id: UUID, out: TextIO) -> None:
+    """The written patient's trail as the auditor sees it, after sealing and verifying."""
+    with psycopg.connect(app_url, autocommit=True) as conn:
+        seal_pending(conn)
+    with auditor.session(auditor_url, "demo auditor URL", "verify", {}) as conn:
+        checked = verify(conn)
+    out.write(f"\naudit chain: {checked.links} links in {checked.clinics} clinic chains, "
+              f"{'verified' if checked.ok else 'BROKEN'}; trail of N-0001 as "
+              f"{migrate.AUDITOR_ROLE}:\n")
+    for entry in patient_trail(auditor_url, patient_id, setting="demo auditor URL"):
+        # An insert writes every column: the list says nothing there.
+        updated = entry.columns and not entry.what.startswith("insert")
+        columns = f" [{', '.join(entry.columns)}]" if updated else ""
+        out.write(f"  {entry.kind} {entry.what}{columns} by {entry.actor_id}\n")
 
 
 def _printed_masked(db: Database, clinic_id: UUID) -> str:

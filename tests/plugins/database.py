@@ -29,6 +29,7 @@ from hcrepo.testing.plugin import DatabaseFactory
 
 OWNER_PASSWORD = "hcrepo-owner-test"
 APP_PASSWORD = "hcrepo-app-test"
+AUDITOR_PASSWORD = "hcrepo-auditor-test"
 TEST_DBNAME = "hcrepo_test"
 
 
@@ -41,6 +42,7 @@ class Database:
     superuser_url: str
     owner_url: str
     app_url: str
+    auditor_url: str
 
     def replica_app_url(self, replica: PostgresServer) -> str:
         """The application role's URL for this database on a replica of `server`."""
@@ -69,13 +71,18 @@ def _database(server: PostgresServer, dbname: str, owner_url: str) -> Database:
         ),
         owner_url=owner_url,
         app_url=server.url(user=migrate.APP_ROLE, password=APP_PASSWORD, dbname=dbname),
+        auditor_url=server.url(
+            user=migrate.AUDITOR_ROLE, password=AUDITOR_PASSWORD, dbname=dbname
+        ),
     )
 
 
 def migrate_database(db: Database) -> None:
-    """Apply every migration as the owner and give hcrepo_app its test password."""
+    """Apply every migration as the owner and give hcrepo_app and hcrepo_auditor their test
+    passwords."""
     migrate.apply(db.owner_url, setting="owner URL")
     migrate.set_role_password(db.owner_url, migrate.APP_ROLE, APP_PASSWORD)
+    migrate.set_role_password(db.owner_url, migrate.AUDITOR_ROLE, AUDITOR_PASSWORD)
 
 
 @pytest.fixture(scope="session")

@@ -71,6 +71,17 @@ class Clinical(Repository, sql="../sql/clinical.sql"):
     def count_mrn(self, *, mrn: str) -> int: ...
 
 
+class AuditWrites(Repository, sql="../sql/audit.sql"):
+    @query("bulk_patients", phi=True)
+    def bulk_patients(self, *, prefix: str, count: int) -> int: ...
+
+    @query("set_ssn", phi=True)
+    def set_ssn(self, *, id: UUID, ssn: str | None) -> int: ...
+
+    @query("audit_trigger_calls")
+    def audit_trigger_calls(self) -> int: ...
+
+
 class Session(Repository, sql="../sql/session.sql", tenant=False):
     @query("probe")
     def probe(self) -> Probe: ...
