@@ -17,7 +17,10 @@ from hcrepo.execution import ensure_open, run_or_translate
 from hcrepo.pipeline import Statement
 from hcrepo.routing.node import Node
 
-_CLINIC = "SELECT set_config('app.clinic_id', $1, true)"
+# The key store acts for the clinic, not for a staff member: no actor, no role, whatever
+# the session holds.
+_CLINIC = ("SELECT set_config('app.clinic_id', $1, true), set_config('app.actor_id', '', true),"
+           " set_config('app.role', '', true)")
 _LOAD = ("/* hcrepo:load_data_keys */ SELECT version, master_version, wrapped, "
          "state = 'active' FROM clinic_data_keys ORDER BY version")
 # Row-level security limits the NOT EXISTS to the clinic in context; two processes making

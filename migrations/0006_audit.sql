@@ -239,6 +239,13 @@ AS $$
         OR pg_has_role(session_user, 'hcrepo_owner', 'MEMBER')
 $$;
 
+-- The staff role a change is recorded with: the claimed one here; the staff role rules
+-- (0007_staff_roles) replace it with the role in force, checked against the membership.
+CREATE FUNCTION audit.staff_role() RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT nullif(current_setting('app.role', true), '') $$;
+
 -- The statement-level trigger of every audited table: one INSERT ... SELECT per statement
 -- from the transition tables, however many rows it changed. TG_ARGV: primary-key column,
 -- patient column, the secret columns' marker object. SECURITY DEFINER: the application role cannot
@@ -250,7 +257,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     actor uuid := nullif(current_setting('app.actor_id', true), '')::uuid;
-    staff text := nullif(current_setting('app.role', true), '');
+    staff text := audit.staff_role();
     key text := TG_ARGV[0];
     patient text := TG_ARGV[1];
     -- A secret column's value never enters the trail, null or not: it shows as "[secret]",

@@ -1,6 +1,12 @@
 -- Back to tenant isolation alone. Destroys the record of break-glass uses: `hcrepo migrate
 -- --rollback` asks for --yes first.
 
+-- The audit trail's staff role as 0006_audit made it: the claimed one.
+CREATE OR REPLACE FUNCTION audit.staff_role() RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT nullif(current_setting('app.role', true), '') $$;
+
 -- onboard_staff as 0005 made it: any member of the clinic in context onboards staff.
 CREATE OR REPLACE FUNCTION onboard_staff(staff_email text, staff_full_name text, staff_role text)
 RETURNS public.users

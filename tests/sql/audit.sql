@@ -6,9 +6,6 @@ SELECT current_setting('app.clinic_id')::uuid, :prefix || g, 'Bulk', 'Patient',
        DATE '1990-01-01' + (g % 9000), 'unknown'
 FROM generate_series(1, :count) AS g
 
--- name: set_ssn
-UPDATE patients SET ssn = :ssn WHERE id = :id
-
 -- name: audit_trigger_calls
 -- Calls of the audit trigger function so far in this transaction (track_functions = pl).
 SELECT coalesce(sum(calls), 0)::int FROM pg_stat_xact_user_functions

@@ -75,9 +75,6 @@ class AuditWrites(Repository, sql="../sql/audit.sql"):
     @query("bulk_patients", phi=True)
     def bulk_patients(self, *, prefix: str, count: int) -> int: ...
 
-    @query("set_ssn", phi=True)
-    def set_ssn(self, *, id: UUID, ssn: str | None) -> int: ...
-
     @query("audit_trigger_calls")
     def audit_trigger_calls(self) -> int: ...
 
