@@ -2,9 +2,9 @@
 found through its blind index, readable only by the staff roles that may see it (enforced by
 PostgreSQL), and surviving key rotations that run while it is read.
 
-Staff roles do not travel in the context yet, so a Database acting as a given role sets
-`app.role` for its whole session through the URL's options; the tests read what the
-database lets that role see.
+The staff role in force is PostgreSQL's to decide (migrations/0007_staff_roles): a claimed
+role counts only if the actor holds it in the clinic, so the tests act as real members of
+the clinic, never as a role set for a whole session.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import psycopg
 import pytest
 import redis
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from psycopg.conninfo import make_conninfo
 from pydantic import BaseModel
 
 from hcrepo import (
@@ -35,6 +34,7 @@ from hcrepo import (
     DecryptionFailed,
     Encrypted,
     Repository,
+    RowSecurityViolation,
     Settings,
     SqlFileError,
     UniqueViolation,
@@ -42,7 +42,6 @@ from hcrepo import (
 )
 from hcrepo.admin import migrate, rotation
 from hcrepo.cache.codec import ValueCodec, read_header
-from hcrepo.config import server_options
 from hcrepo.crypto import keyring
 from hcrepo.crypto.keys import SettingsMasterKeys
 from hcrepo.healthcare import Patient, PatientRepository
@@ -53,7 +52,8 @@ from tests.plugins.database import Database as ServerDatabase
 from tests.support.cache import ENCRYPTION_KEY, CachedDatabase, Counts, value_keys
 from tests.support.cli import assert_one_line, hcrepo
 from tests.support.keys import new_key
-from tests.support.repos import Clinic, new_clinic
+from tests.support.repos import Clinic, MakeDatabase, new_clinic, staff_member
+from tests.support.staff import StaffClinic, staff_clinic
 
 SSN = "123-45-6789"
 SSN_COLUMNS = [Column("patients", "ssn")]
@@ -63,31 +63,21 @@ MASTER = new_key()
 BLIND = new_key()
 
 
-def role_url(url: str, role: str | None) -> str:
-    if role is None:
-        return url
-    return make_conninfo(url, options=server_options(url, **{"app.role": role}))
+def keyed(url: str, **overrides: Any) -> Settings:
+    """Settings for hcrepo_app at `url` with the test keys (overridable)."""
+    options: dict[str, Any] = {"database_url": url, "redis_url": "", "pool_min": 1,
+                               "pool_max": 3, "HCREPO_MASTER_KEY": MASTER,
+                               "HCREPO_BLIND_INDEX_KEY": BLIND, **overrides}
+    return Settings(**options)
 
 
 @pytest.fixture(scope="module")
-def databases(migrated_db: ServerDatabase) -> Iterator[dict[str | None, Database]]:
-    """hcrepo Databases as hcrepo_app acting as each staff role (None: no role), all with
-    the same keys."""
-    opened: dict[str | None, Database] = {}
-    for role in ("doctor", "admin", "nurse", "receptionist", None):
-        settings = Settings(database_url=role_url(migrated_db.app_url, role), redis_url="",
-                            pool_min=1, pool_max=3, HCREPO_MASTER_KEY=MASTER,
-                            HCREPO_BLIND_INDEX_KEY=BLIND)
-        opened[role] = Database(settings)
-        opened[role].open()
-    yield opened
-    for db in opened.values():
-        db.close()
-
-
-@pytest.fixture
-def doctor(databases: dict[str | None, Database]) -> Database:
-    return databases["doctor"]
+def doctor(migrated_db: ServerDatabase) -> Iterator[Database]:
+    """The tests' Database as hcrepo_app with the test keys. The role is in each context, not
+    in the Database: `scope` acts in it as the clinic's doctor, other tests as other
+    members."""
+    with Database(keyed(migrated_db.app_url)) as db:
+        yield db
 
 
 @pytest.fixture
@@ -96,7 +86,8 @@ def clinic(migrated_db: ServerDatabase) -> Clinic:
 
 
 def scope(db: Database, clinic: Clinic) -> AbstractContextManager[object]:
-    return db.context(clinic_id=clinic.id, actor_id=clinic.actor_id)
+    """As the clinic's doctor (new_clinic's member), claiming the role the doctor holds."""
+    return db.context(clinic_id=clinic.id, actor_id=clinic.actor_id, role="doctor")
 
 
 def create(db: Database, ssn: str | None, mrn: str | None = None) -> Patient:
@@ -284,46 +275,149 @@ def test_the_blind_index_keeps_ssns_unique_per_clinic(doctor: Database, clinic: 
 
 # --- who may see the SSN, in PostgreSQL -------------------------------------------------------
 
+REASON = "unresponsive in the waiting room"
 
-@pytest.mark.parametrize(("role", "emergency", "visible"), [
-    ("doctor", "", True), ("admin", "", True), ("nurse", "", False),
-    ("receptionist", "", False), ("", "", False), ("receptionist", "cardiac arrest", True),
+
+@pytest.fixture
+def staff(migrated_db: ServerDatabase) -> StaffClinic:
+    """A member in each staff role. Its patient holds a stand-in ciphertext: enough to see
+    who is given it, as nothing is decrypted through raw SQL."""
+    return staff_clinic(migrated_db.superuser_url)
+
+
+@pytest.fixture
+def app_conn(migrated_db: ServerDatabase) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(migrated_db.app_url, autocommit=True) as conn:
+        yield conn
+
+
+def act(conn: psycopg.Connection[Any], staff: StaffClinic, actor: UUID | None,
+        role: str) -> None:
+    """The context as hcrepo's context statement sets it: transaction-local, app.role always
+    set ('' when nothing is claimed)."""
+    conn.execute("SELECT set_config('app.clinic_id', %s, true),"
+                 " set_config('app.actor_id', %s, true), set_config('app.role', %s, true)",
+                 [str(staff.id), "" if actor is None else str(actor), role])
+
+
+def carry_glass(conn: psycopg.Connection[Any], reason: str, access: UUID) -> None:
+    conn.execute("SELECT set_config('app.emergency_reason', %s, true),"
+                 " set_config('app.emergency_access_id', %s, true)", [reason, str(access)])
+
+
+def break_glass(conn: psycopg.Connection[Any], reason: str) -> UUID:
+    """Records a break-glass for the actor in context and carries it, as hcrepo does."""
+    row = conn.execute("SELECT audit.record_emergency_access(%s)", [reason]).fetchone()
+    assert row is not None
+    carry_glass(conn, reason, row[0])
+    return UUID(str(row[0]))
+
+
+def ssn_seen(conn: psycopg.Connection[Any], patient_id: UUID) -> tuple[Any, ...] | None:
+    return conn.execute("SELECT ssn FROM patient_records WHERE id = %s",
+                        [patient_id]).fetchone()
+
+
+@pytest.mark.parametrize(("member", "claimed", "glass", "visible"), [
+    ("doctor", "doctor", "", True), ("admin", "admin", "", True),
+    ("nurse", "nurse", "", False), ("receptionist", "receptionist", "", False),
+    # Nothing claimed: the membership role decides.
+    ("doctor", "", "", True), ("admin", "", "", True), ("nurse", "", "", False),
+    ("receptionist", "", "", False),
+    (None, "", "", False),  # a clinic-level context: no actor, no role
+    ("nurse", "nurse", "recorded", True), ("nurse", "", "recorded", True),
+    ("doctor", "doctor", "recorded", True),
+    ("nurse", "nurse", "by hand", False),  # a reason and an id, but no recorded row
 ])
 def test_the_application_role_reads_ssn_only_as_allowed(
-    doctor: Database, clinic: Clinic, migrated_db: ServerDatabase, role: str, emergency: str,
-    visible: bool,
+    staff: StaffClinic, app_conn: psycopg.Connection[Any], migrated_db: ServerDatabase,
+    member: str | None, claimed: str, glass: str, visible: bool,
 ) -> None:
-    with scope(doctor, clinic):
-        created = create(doctor, SSN)
-    with psycopg.connect(migrated_db.app_url, autocommit=True) as conn, conn.transaction():
-        conn.execute("SELECT set_config('app.clinic_id', %s, true), "
-                     "set_config('app.role', %s, true), "
-                     "set_config('app.emergency_reason', %s, true)",
-                     [str(clinic.id), role, emergency])
-        row = conn.execute("SELECT ssn FROM patient_records WHERE id = %s",
-                           [created.id]).fetchone()
-        assert row is not None and (row[0] is not None) is visible
-        with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
-            conn.execute("SELECT ssn FROM patients WHERE id = %s", [created.id])
-        with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
-            conn.execute("SELECT count(*) FROM patients WHERE ssn IS NOT NULL")
-        with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
-            conn.execute("SELECT p FROM patients p")
+    ciphertext, _ = stored(migrated_db, staff.patient_id)
+    assert ciphertext is not None
+    with app_conn.transaction():
+        act(app_conn, staff, None if member is None else staff.members[member], claimed)
+        if glass == "recorded":
+            break_glass(app_conn, REASON)
+        elif glass == "by hand":
+            carry_glass(app_conn, REASON, uuid.uuid4())
+        assert ssn_seen(app_conn, staff.patient_id) == ((ciphertext,) if visible else (None,))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege), app_conn.transaction():
+            app_conn.execute("SELECT ssn FROM patients WHERE id = %s", [staff.patient_id])
+        with pytest.raises(psycopg.errors.InsufficientPrivilege), app_conn.transaction():
+            app_conn.execute("SELECT count(*) FROM patients WHERE ssn IS NOT NULL")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege), app_conn.transaction():
+            app_conn.execute("SELECT p FROM patients p")
+
+
+def test_a_receptionist_cannot_break_the_glass_to_the_ssn(
+    staff: StaffClinic, app_conn: psycopg.Connection[Any]
+) -> None:
+    receptionist = staff.members["receptionist"]
+    for claimed in ("receptionist", ""):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="for clinicians"), \
+                app_conn.transaction():
+            act(app_conn, staff, receptionist, claimed)
+            break_glass(app_conn, "cardiac arrest")
+    # The nurse's recorded break-glass, borrowed with its reason, widens nothing.
+    with app_conn.transaction():
+        act(app_conn, staff, staff.members["nurse"], "nurse")
+        access = break_glass(app_conn, REASON)
+    with app_conn.transaction():
+        act(app_conn, staff, receptionist, "receptionist")
+        carry_glass(app_conn, REASON, access)
+        assert ssn_seen(app_conn, staff.patient_id) == (None,)
+
+
+def test_patient_records_refuse_a_role_the_actor_does_not_hold(
+    staff: StaffClinic, app_conn: psycopg.Connection[Any]
+) -> None:
+    members = staff.members
+    for actor, claimed, refusal in (
+        (members["receptionist"], "doctor", "does not hold the claimed staff role"),
+        (members["nurse"], "admin", "does not hold the claimed staff role"),
+        (staff.outsider, "doctor", "does not hold the claimed staff role"),
+        (None, "doctor", "without an actor"),
+    ):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match=refusal), \
+                app_conn.transaction():
+            act(app_conn, staff, actor, claimed)
+            ssn_seen(app_conn, staff.patient_id)
+    # A doctor of another clinic, claiming nothing, holds no role here: not even the row.
+    with app_conn.transaction():
+        act(app_conn, staff, staff.outsider, "")
+        assert ssn_seen(app_conn, staff.patient_id) is None
 
 
 def test_repositories_give_the_ssn_only_to_roles_that_may_see_it(
-    databases: dict[str | None, Database], clinic: Clinic
+    doctor: Database, clinic: Clinic, migrated_db: ServerDatabase
 ) -> None:
-    with scope(databases["doctor"], clinic):
-        created = create(databases["doctor"], SSN)
-    for role, db in databases.items():
-        with scope(db, clinic):
-            patients = PatientRepository(db)
+    with scope(doctor, clinic):
+        created = create(doctor, SSN)
+    members = {"doctor": clinic.actor_id} | {
+        role: staff_member(migrated_db.superuser_url, clinic.id, role)
+        for role in ("admin", "nurse", "receptionist")}
+    cases: list[tuple[dict[str, Any], str | None]] = []
+    for role, member in members.items():
+        expected = SSN if role in ("doctor", "admin") else None
+        cases += [({"actor_id": member, "role": role}, expected),
+                  ({"actor_id": member}, expected)]  # the membership role
+    cases += [({}, None),  # a clinic-level context
+              ({"actor_id": members["nurse"], "emergency_reason": REASON}, SSN),
+              ({"actor_id": members["nurse"], "role": "nurse", "emergency_reason": REASON},
+               SSN)]
+    for given, expected in cases:
+        with doctor.context(clinic_id=clinic.id, **given):
+            patients = PatientRepository(doctor)
             found, by_ssn = patients.get(id=created.id), patients.by_ssn(ssn=SSN)
         assert found is not None and by_ssn is not None
-        expected = SSN if role in ("doctor", "admin") else None
-        assert (found.ssn, by_ssn.ssn) == (expected, expected), role
+        assert (found.ssn, by_ssn.ssn) == (expected, expected), given
         assert found.model_copy(update={"ssn": SSN}) == created
+    # The front desk's break-glass is refused by the database before the block runs.
+    block = doctor.context(clinic_id=clinic.id, actor_id=members["receptionist"],
+                           emergency_reason=REASON)
+    with pytest.raises(RowSecurityViolation, match="for clinicians"), block:
+        pytest.fail("the block ran")
 
 
 # --- keys and settings -------------------------------------------------------------------
@@ -354,10 +448,10 @@ def test_missing_keys_are_config_errors_naming_the_setting(
 ) -> None:
     with scope(doctor, clinic):
         sealed = create(doctor, SSN)
-    url = role_url(migrated_db.app_url, "doctor")
     for given, missing in (({}, "HCREPO_BLIND_INDEX_KEY"),
                            ({"HCREPO_BLIND_INDEX_KEY": BLIND}, "HCREPO_MASTER_KEY")):
-        settings = Settings(database_url=url, redis_url="", pool_min=1, pool_max=2, **given)
+        settings = Settings(database_url=migrated_db.app_url, redis_url="", pool_min=1,
+                            pool_max=2, **given)
         with Database(settings) as db, scope(db, clinic):
             with pytest.raises(ConfigError) as caught:
                 create(db, SSN)
@@ -376,9 +470,7 @@ def test_a_wrong_master_key_does_not_unwrap(
 ) -> None:
     with scope(doctor, clinic):
         sealed = create(doctor, SSN)
-    settings = Settings(database_url=role_url(migrated_db.app_url, "doctor"), redis_url="",
-                        pool_min=1, pool_max=2, HCREPO_MASTER_KEY=new_key(),
-                        HCREPO_BLIND_INDEX_KEY=BLIND)
+    settings = keyed(migrated_db.app_url, pool_max=2, HCREPO_MASTER_KEY=new_key())
     with Database(settings) as db, scope(db, clinic), pytest.raises(DecryptionFailed) as caught:
         PatientRepository(db).get(id=sealed.id)
     assert "master key version 1" in str(caught.value)
@@ -499,9 +591,7 @@ def test_a_master_key_rotation_rewraps_every_data_key(
     with superuser(migrated_db) as conn:
         assert conn.execute("SELECT master_version FROM clinic_data_keys WHERE clinic_id = %s",
                             [clinic.id]).fetchall() == [(2,)]
-    url = role_url(migrated_db.app_url, "doctor")
-    only_new = Settings(database_url=url, redis_url="", pool_min=1, pool_max=2,
-                        HCREPO_MASTER_KEY=f"2:{second}", HCREPO_BLIND_INDEX_KEY=BLIND)
+    only_new = keyed(migrated_db.app_url, pool_max=2, HCREPO_MASTER_KEY=f"2:{second}")
     with Database(only_new) as db:
         assert all_readable(db, clinic, expected)
     only_old = only_new.model_copy(update={"master_key": only_new.master_key.__class__(MASTER)})
@@ -579,13 +669,14 @@ def test_plaintext_ssns_are_moved_aside_by_the_migration_and_sealed_by_encrypt_e
     migrate.apply(db.owner_url, setting="owner URL", source=before)
     ssns = {"a": "123-45-6789", "b": "123456789", "c": "not an ssn", "d": "987 65 4321"}
     with psycopg.connect(db.superuser_url) as conn:
-        clinic_a, clinic_b = (new_clinic(db.superuser_url, patients=0).id for _ in range(2))
+        clinic_a, clinic_b = (new_clinic(db.superuser_url, patients=0) for _ in range(2))
         ids = {}
         for name, ssn in ssns.items():
+            clinic_id = (clinic_b if name == "d" else clinic_a).id
             row = conn.execute(
                 "INSERT INTO patients (clinic_id, mrn, first_name, last_name, date_of_birth,"
                 " sex, ssn) VALUES (%s, %s, 'Old', 'Row', DATE '1970-01-01', 'other', %s)"
-                " RETURNING id", [clinic_b if name == "d" else clinic_a, name, ssn]).fetchone()
+                " RETURNING id", [clinic_id, name, ssn]).fetchone()
             assert row is not None
             ids[name] = row[0]
     migrate.apply(db.owner_url, setting="owner URL")
@@ -617,17 +708,20 @@ def test_plaintext_ssns_are_moved_aside_by_the_migration_and_sealed_by_encrypt_e
     duplicate = "b" if sealed_first == "a" else "a"
     assert {row[0] for row in left} == {ids[duplicate], ids["c"]}
     assert all(row[0].startswith("hc1:1:") for row in stored_ssns) and len(stored_ssns) == 2
-    settings = Settings(database_url=role_url(db.app_url, "doctor"), redis_url="", pool_min=1,
-                        pool_max=2, HCREPO_MASTER_KEY=MASTER, HCREPO_BLIND_INDEX_KEY=BLIND)
+    settings = keyed(db.app_url, pool_max=2)
     # Once SSNs are encrypted, the rollback refuses: it would lose them.
     with pytest.raises(migrate.MigrationFailed):
         migrate.rollback(db.owner_url, setting="owner URL")
     with Database(settings) as app:
-        with app.context(clinic_id=clinic_a):
+        # The clinic's doctor reads the SSNs; a clinic-level context (no actor) may not.
+        with app.context(clinic_id=clinic_a.id):
+            found = PatientRepository(app).by_ssn(ssn="123 45 6789")
+            assert found is not None and (found.id, found.ssn) == (ids[sealed_first], None)
+        with scope(app, clinic_a):
             found = PatientRepository(app).by_ssn(ssn="123 45 6789")
             assert found is not None
             assert (found.id, found.ssn) == (ids[sealed_first], ssns[sealed_first])
-        with app.context(clinic_id=clinic_b):
+        with scope(app, clinic_b):
             found = PatientRepository(app).by_ssn(ssn="987654321")
             assert found is not None and found.ssn == ssns["d"]
 
@@ -681,8 +775,7 @@ def test_the_cache_holds_the_ciphertext_and_every_hit_decrypts(
     cached_db: CachedDatabase, migrated_db: ServerDatabase, clinic: Clinic,
     raw_redis: redis.Redis | RedisCluster,
 ) -> None:
-    db = cached_db(database_url=role_url(migrated_db.app_url, "doctor"),
-                   HCREPO_MASTER_KEY=MASTER, HCREPO_BLIND_INDEX_KEY=BLIND)
+    db = cached_db(HCREPO_MASTER_KEY=MASTER, HCREPO_BLIND_INDEX_KEY=BLIND)
     with scope(db, clinic):
         created = create(db, SSN)
     with scope(db, clinic):  # the next request: no write of its own to wait for
@@ -720,7 +813,7 @@ def test_a_stream_that_meets_a_bad_ciphertext_fails_there_and_frees_its_connecti
 
 def test_a_process_that_has_not_seen_a_rotation_yet_writes_readable_values_the_rerun_moves(
     doctor: Database, clinic: Clinic, migrated_db: ServerDatabase,
-    databases: dict[str | None, Database], monkeypatch: pytest.MonkeyPatch,
+    make_db: MakeDatabase, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(keyring, "ACTIVE_TTL", 3600.0)  # it will not look again for an hour
     expected = seeded_clinic(doctor, clinic, 2)  # doctor now knows version 1 as active
@@ -728,12 +821,13 @@ def test_a_process_that_has_not_seen_a_rotation_yet_writes_readable_values_the_r
     assert rotation.rotate_data(owner(migrated_db), master, SSN_COLUMNS, only=clinic.id) == 2
     with scope(doctor, clinic):
         stale = create(doctor, "555-55-5555")
-    admin = databases["admin"]  # another process, which loads the clinic's keys now
-    with scope(admin, clinic):
-        fresh = create(admin, "555-55-5556")
+    # Another process, which loads the clinic's keys now.
+    other = make_db(HCREPO_MASTER_KEY=MASTER, HCREPO_BLIND_INDEX_KEY=BLIND)
+    with scope(other, clinic):
+        fresh = create(other, "555-55-5556")
     assert versions(migrated_db, clinic) == {1: 1, 2: 3}
     expected |= {stale.id: "555-55-5555", fresh.id: "555-55-5556"}
-    assert all_readable(doctor, clinic, expected) and all_readable(admin, clinic, expected)
+    assert all_readable(doctor, clinic, expected) and all_readable(other, clinic, expected)
     # The re-run finishes the rotation (no version 3) and moves the straggler.
     assert rotation.rotate_data(owner(migrated_db), master, SSN_COLUMNS, only=clinic.id) == 1
     assert versions(migrated_db, clinic) == {2: 4}
