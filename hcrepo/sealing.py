@@ -21,7 +21,7 @@ for it).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from uuid import UUID
 
@@ -40,7 +40,7 @@ class FieldCipher:
     """The sealing and opening one repository method needs, built when its class is."""
 
     __slots__ = ("_consumed", "_generated", "_indexed", "_method", "_name", "_opened",
-                 "_passes", "_sealed")
+                 "_passes", "_sealed", "_validator")
 
     def __init__(self, method: str, query: SqlQuery, model: type[BaseModel] | None) -> None:
         self._method = method
@@ -52,10 +52,12 @@ class FieldCipher:
         self._consumed = tuple(b.column for b in query.blind_indexed
                                if b.column not in query.params)
         self._opened: tuple[tuple[Column, str], ...] = ()
+        self._validator: Callable[[Any], Any] | None = None
         if model is not None:
             by_column = {c.column: c for c in query.encrypted}
             self._opened = tuple((by_column[f], self._where(by_column[f]))
                                  for f in sorted(encrypted_fields(model)) if f in by_column)
+            self._validator = model.__pydantic_validator__.validate_python
         self._passes = not (self._generated or self._sealed or self._indexed)
 
     @staticmethod
@@ -144,7 +146,7 @@ class FieldCipher:
                 close()
 
     def _open_row(self, row: BaseModel, clinic_id: UUID, keyring: Keyring) -> Any:
-        opened: dict[str, str] = {}
+        values: dict[str, Any] | None = None
         for column, where in self._opened:
             text = getattr(row, column.column)
             if text is None:
@@ -152,11 +154,13 @@ class FieldCipher:
             version, raw = envelope.parse(text, where)
             aad = envelope.associated_data(clinic_id, column.table, column.column,
                                            getattr(row, ROW_ID))
-            opened[column.column] = envelope.decrypt(keyring.key(clinic_id, version, where),
+            values = values or dict(row.__dict__)
+            values[column.column] = envelope.decrypt(keyring.key(clinic_id, version, where),
                                                      raw, aad, where)
-        # No second validation: the row was validated with the ciphertext, and an encrypted
-        # field is a plain `str` (checked when the class was defined), as the plaintext is.
-        return row.model_copy(update=opened) if opened else row
+        if values is None:
+            return row
+        assert self._validator is not None
+        return self._validator(values)  # validated again, with the plaintext
 
     def _where(self, column: Column | Any) -> str:
         return f"{column.table}.{column.column} ({self._name})"
