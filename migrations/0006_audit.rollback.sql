@@ -3,18 +3,22 @@ DROP TRIGGER audit_insert ON patients;
 DROP TRIGGER audit_update ON patients;
 DROP TRIGGER audit_delete ON patients;
 DROP TRIGGER audit_truncate ON patients;
+DROP TRIGGER audit_fixed_key ON patients;
 DROP TRIGGER audit_insert ON appointments;
 DROP TRIGGER audit_update ON appointments;
 DROP TRIGGER audit_delete ON appointments;
 DROP TRIGGER audit_truncate ON appointments;
+DROP TRIGGER audit_fixed_key ON appointments;
 DROP TRIGGER audit_insert ON encounters;
 DROP TRIGGER audit_update ON encounters;
 DROP TRIGGER audit_delete ON encounters;
 DROP TRIGGER audit_truncate ON encounters;
+DROP TRIGGER audit_fixed_key ON encounters;
 DROP TRIGGER audit_insert ON prescriptions;
 DROP TRIGGER audit_update ON prescriptions;
 DROP TRIGGER audit_delete ON prescriptions;
 DROP TRIGGER audit_truncate ON prescriptions;
+DROP TRIGGER audit_fixed_key ON prescriptions;
 
 -- Takes the row type of audit.changes.
 DROP FUNCTION audit.canonical(audit.changes);

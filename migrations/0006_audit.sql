@@ -241,10 +241,16 @@ $$;
 
 -- The staff role a change is recorded with: the claimed one here; the staff role rules
 -- (0007_staff_roles) replace it with the role in force, checked against the membership.
+-- plpgsql with every name qualified and no SET clause, like audit.record below: called
+-- from the trigger, a SET clause here (or there) makes the role functions plan their
+-- queries again on every call (cached plans depend on the search_path).
 CREATE FUNCTION audit.staff_role() RETURNS text
-LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $$ SELECT nullif(current_setting('app.role', true), '') $$;
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    RETURN nullif(pg_catalog.current_setting('app.role', true), '');
+END
+$$;
 
 -- The statement-level trigger of every audited table: one INSERT ... SELECT per statement
 -- from the transition tables, however many rows it changed. TG_ARGV: primary-key column,
@@ -253,21 +259,26 @@ AS $$ SELECT nullif(current_setting('app.role', true), '') $$;
 CREATE FUNCTION audit.record() RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
+-- No SET search_path (it cost ~200 us per write: see audit.staff_role): relations, types
+-- and the functions it calls are schema-qualified; operators and built-in functions resolve
+-- in pg_catalog, and hcrepo_app can create objects in no schema and no temporary ones (0005,
+-- tested), so no search_path it sets can put its own objects before them (the other roles
+-- whose writes fire this, the owner and superusers, own it anyway).
 AS $$
 DECLARE
-    actor uuid := nullif(current_setting('app.actor_id', true), '')::uuid;
-    staff text := audit.staff_role();
-    key text := TG_ARGV[0];
-    patient text := TG_ARGV[1];
+    actor pg_catalog.uuid :=
+        nullif(pg_catalog.current_setting('app.actor_id', true), '')::pg_catalog.uuid;
+    staff pg_catalog.text := audit.staff_role();
+    key pg_catalog.text := TG_ARGV[0];
+    patient pg_catalog.text := TG_ARGV[1];
     -- A secret column's value never enters the trail, null or not: it shows as "[secret]",
     -- so the trail says the column was written or changed, never what it held. The marker
     -- object ({"ssn": "[secret]", ...}) is made by audit.enable and laid over each row with
     -- one jsonb concatenation: a masking function called per row tripled a bulk insert.
-    marker jsonb := TG_ARGV[2]::jsonb;
-    masking boolean := marker <> '{}'::jsonb;
+    marker pg_catalog.jsonb := TG_ARGV[2]::pg_catalog.jsonb;
+    masking boolean := marker OPERATOR(pg_catalog.<>) '{}'::pg_catalog.jsonb;
     wrote boolean;
-    columns text[];
+    columns pg_catalog.text[];
 BEGIN
     -- A statement that changed no row wrote nothing: it needs no actor (another clinic's
     -- rows are invisible, so an UPDATE of them is a no-op, not a refusal). Each transition
@@ -286,7 +297,7 @@ BEGIN
         END IF;
     END IF;
     IF TG_OP IN ('INSERT', 'DELETE') THEN
-        columns := ARRAY(SELECT attname::text FROM pg_attribute
+        columns := ARRAY(SELECT attname::pg_catalog.text FROM pg_catalog.pg_attribute
                          WHERE attrelid = TG_RELID AND attnum > 0 AND NOT attisdropped
                          ORDER BY attnum);
     END IF;
@@ -305,27 +316,27 @@ BEGIN
                CASE WHEN masking THEN r.j || marker ELSE r.j END, NULL
         FROM (SELECT to_jsonb(o) AS j FROM old_rows AS o) AS r;
     ELSIF TG_OP = 'UPDATE' THEN
-        -- Old and new rows pair up by primary key; a row whose key changed is unmatched on
-        -- both sides and recorded as its old and its new version, every column changed.
+        -- Old and new rows pair up by primary key, which never changes on an audited table
+        -- (audit.refuse_key_change). An inner join: a FULL JOIN, needed only if keys could
+        -- change, cost a third of the trigger. Only the changed columns are kept.
         INSERT INTO audit.changes (actor_id, clinic_id, staff_role, action, table_name, row_id,
                                    patient_id, changed, old, new)
-        SELECT actor, (coalesce(p.nj, p.oj) ->> 'clinic_id')::uuid, staff, 'UPDATE',
-               TG_TABLE_NAME, coalesce(p.nj, p.oj) ->> key,
-               (coalesce(p.nj, p.oj) ->> patient)::uuid, d.changed, d.o, d.n
+        SELECT actor, (p.nj ->> 'clinic_id')::uuid, staff, 'UPDATE', TG_TABLE_NAME,
+               p.nj ->> key, (p.nj ->> patient)::uuid, d.changed, d.o, d.n
         FROM (SELECT o.j AS oj, n.j AS nj
               FROM (SELECT to_jsonb(t) AS j FROM old_rows AS t) AS o
-              FULL JOIN (SELECT to_jsonb(t) AS j FROM new_rows AS t) AS n
+              JOIN (SELECT to_jsonb(t) AS j FROM new_rows AS t) AS n
                 ON o.j -> key = n.j -> key) AS p
         CROSS JOIN LATERAL (
             SELECT coalesce(array_agg(e.key ORDER BY e.key), '{}') AS changed,
-                   CASE WHEN p.oj IS NOT NULL THEN coalesce(jsonb_object_agg(e.key,
+                   coalesce(jsonb_object_agg(e.key,
                        CASE WHEN marker ? e.key THEN marker -> e.key ELSE p.oj -> e.key END
-                   ), '{}') END AS o,
-                   CASE WHEN p.nj IS NOT NULL THEN coalesce(jsonb_object_agg(e.key,
-                       CASE WHEN marker ? e.key THEN marker -> e.key ELSE p.nj -> e.key END
-                   ), '{}') END AS n
-            FROM jsonb_each(coalesce(p.nj, p.oj)) AS e
-            WHERE p.oj IS NULL OR p.nj IS NULL OR e.value IS DISTINCT FROM p.oj -> e.key
+                   ), '{}') AS o,
+                   coalesce(jsonb_object_agg(e.key,
+                       CASE WHEN marker ? e.key THEN marker -> e.key ELSE e.value END
+                   ), '{}') AS n
+            FROM jsonb_each(p.nj) AS e
+            WHERE e.value IS DISTINCT FROM p.oj -> e.key
         ) AS d;
     ELSE  -- TRUNCATE (the owner's; the application role has no TRUNCATE)
         INSERT INTO audit.changes (actor_id, clinic_id, staff_role, action, table_name)
@@ -334,6 +345,19 @@ BEGIN
                 staff, 'TRUNCATE', TG_TABLE_NAME);
     END IF;
     RETURN NULL;
+END
+$$;
+
+-- An audited row keeps its primary key: the trail pairs a row's old and new versions by it
+-- (and a PHI record that changed identity would be hard to follow). A row trigger on
+-- `UPDATE OF <key>` only, so other updates never call it.
+CREATE FUNCTION audit.refuse_key_change() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RAISE EXCEPTION 'the primary key of an audited row never changes (%)', TG_TABLE_NAME
+        USING ERRCODE = 'insufficient_privilege';
 END
 $$;
 
@@ -376,6 +400,10 @@ BEGIN
     EXECUTE format('DROP TRIGGER IF EXISTS audit_update ON %s', target);
     EXECUTE format('DROP TRIGGER IF EXISTS audit_delete ON %s', target);
     EXECUTE format('DROP TRIGGER IF EXISTS audit_truncate ON %s', target);
+    EXECUTE format('DROP TRIGGER IF EXISTS audit_fixed_key ON %s', target);
+    EXECUTE format('CREATE TRIGGER audit_fixed_key BEFORE UPDATE OF %I ON %s FOR EACH ROW '
+                   'WHEN (OLD.%I IS DISTINCT FROM NEW.%I) '
+                   'EXECUTE FUNCTION audit.refuse_key_change()', key, target, key, key);
     EXECUTE format('CREATE TRIGGER audit_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS '
                    'new_rows FOR EACH STATEMENT EXECUTE FUNCTION audit.record(%s)', target, args);
     EXECUTE format('CREATE TRIGGER audit_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS '

@@ -3,9 +3,12 @@
 
 -- The audit trail's staff role as 0006_audit made it: the claimed one.
 CREATE OR REPLACE FUNCTION audit.staff_role() RETURNS text
-LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $$ SELECT nullif(current_setting('app.role', true), '') $$;
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    RETURN nullif(pg_catalog.current_setting('app.role', true), '');
+END
+$$;
 
 -- onboard_staff as 0005 made it: any member of the clinic in context onboards staff.
 CREATE OR REPLACE FUNCTION onboard_staff(staff_email text, staff_full_name text, staff_role text)

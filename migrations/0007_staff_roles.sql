@@ -91,9 +91,12 @@ GRANT EXECUTE ON FUNCTION hcrepo_staff_role() TO hcrepo_app;
 -- The audit trail records the role in force, not only a claimed one: a change made under
 -- the membership role (nothing claimed) shows which role made it.
 CREATE OR REPLACE FUNCTION audit.staff_role() RETURNS text
-LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $$ SELECT public.hcrepo_staff_role() $$;
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    RETURN public.hcrepo_staff_role();
+END
+$$;
 
 -- Break-glass uses, append-only. The audit schema may also come from the audit trail's
 -- migration; whichever runs first creates it.

@@ -431,3 +431,19 @@ def test_bootstrapped_databases_share_the_auditor(pg_primary: PostgresServer) ->
     finally:
         with psycopg.connect(pg_primary.superuser_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE "{server.dbname}" WITH (FORCE)')
+
+
+def test_an_audited_rows_primary_key_never_changes(migrated_db: ServerDatabase, clinic: Clinic,
+                                                   trail: Trail) -> None:
+    """The trail pairs old and new versions by the key: a change of key is refused (even to
+    a superuser), so no update can leave the trail without its pair."""
+    with psycopg.connect(migrated_db.superuser_url) as conn:
+        with pytest.raises(errors.InsufficientPrivilege, match="never changes"):
+            conn.execute("UPDATE patients SET id = gen_random_uuid() WHERE id = %s",
+                         [clinic.patient_ids[0]])
+        conn.rollback()
+        # Naming the key without changing it is an ordinary update.
+        assert conn.execute("UPDATE patients SET id = id, phone = 'k' WHERE id = %s",
+                            [clinic.patient_ids[0]]).rowcount == 1
+    [row] = trail.new()
+    assert row["changed"] == ["phone", "updated_at"]
