@@ -42,6 +42,7 @@ from hcrepo.tenancy import Context
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 class Runner(Protocol):
@@ -387,24 +388,7 @@ def _method(
 
 
 def _plain_call(plan: Plan) -> Callable[[Repository, dict[str, Any]], Any]:
-    bind = plan.bind
-
-    def call(self: Repository, kwargs: dict[str, Any]) -> Any:
-        args, sql = bind(kwargs)
-        runner = self._runner
-        started = perf_counter()
-        try:
-            if self._explicit is None:
-                return runner.run(plan, args, sql)
-            with tenancy.use(**self._explicit):
-                return runner.run(plan, args, sql)
-        except BaseException as error:
-            runner.observer.failed(plan, error)
-            raise
-        finally:
-            runner.observer.finished(plan, perf_counter() - started)
-
-    return call
+    return _measured(plan, plan.bind, lambda runner, bound: runner.run(plan, *bound))
 
 
 def _sealed_call(plan: Plan, cipher: FieldCipher) -> Callable[[Repository, dict[str, Any]], Any]:
@@ -424,14 +408,25 @@ def _sealed_call(plan: Plan, cipher: FieldCipher) -> Callable[[Repository, dict[
                                      keyring))
         return cipher.open(runner.run(plan, args, sql), clinic, keyring)
 
+    return _measured(plan, lambda kwargs: kwargs, sealed_run)
+
+
+def _measured(
+    plan: Plan, prepare: Callable[[dict[str, Any]], T], run: Callable[[Runner, T], Any]
+) -> Callable[[Repository, dict[str, Any]], Any]:
+    """A repository call: `prepare` the arguments (outside the measure: a wrong argument is
+    the caller's, not a failed query), then `run` them under the repository's explicit
+    context, measured by the observer."""
+
     def call(self: Repository, kwargs: dict[str, Any]) -> Any:
+        prepared = prepare(kwargs)
         runner = self._runner
         started = perf_counter()
         try:
             if self._explicit is None:
-                return sealed_run(runner, kwargs)
+                return run(runner, prepared)
             with tenancy.use(**self._explicit):
-                return sealed_run(runner, kwargs)
+                return run(runner, prepared)
         except BaseException as error:
             runner.observer.failed(plan, error)
             raise
