@@ -25,13 +25,16 @@ import psycopg
 import pytest
 import redis
 
+from examples.compliance import emergency_note, page_privacy_officer
 from examples.worker import Job, Worker, register_patient
 from hcrepo import Database, Settings
+from hcrepo.healthcare import EncounterRepository
 from hcrepo.testing import PostgresServer, RedisServer
 from tests.plugins.database import Database as ServerDatabase
 from tests.plugins.servers import WaitReplayed
 from tests.support.repos import Clinic, new_clinic
 from tests.support.routing import Cluster, until
+from tests.support.staff import staff_clinic
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT = 60.0
@@ -285,6 +288,35 @@ def editable_install() -> bool:
 
 @pytest.mark.skipif(not editable_install(),
                     reason="hcrepo is not installed editable in this venv (`make` does that)")
+def test_a_break_glass_read_is_alerted_and_shows_in_the_patients_trail(
+    migrated_db: ServerDatabase,
+) -> None:
+    staff = staff_clinic(migrated_db.superuser_url)
+    nurse = staff.members["nurse"]
+    settings = Settings(database_url=migrated_db.app_url, redis_url="", pool_min=1, pool_max=2)
+    with Database(settings, on_emergency_access=page_privacy_officer) as db:
+        with db.context(clinic_id=staff.id, actor_id=nurse):  # another clinician's draft
+            assert EncounterRepository(db).get(id=staff.draft_encounter_id) is None
+        assert emergency_note(db, clinic_id=staff.id, clinician_id=nurse,
+                              encounter_id=staff.draft_encounter_id, reason="collapsed")
+    # After close: the access log written, the audit rows sealed.
+    done = subprocess.run(
+        [sys.executable, "-m", "examples.compliance", "trail", str(staff.patient_id)],
+        env={**os.environ, "HCREPO_AUDITOR_URL": migrated_db.auditor_url}, cwd=ROOT,
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+    viewed = [line for line in done.stdout.splitlines() if " viewed get_encounter " in line]
+    assert len(viewed) == 1 and f"by {nurse} (membership role)" in viewed[0]
+    assert viewed[0].endswith(" BREAK-GLASS") and "collapsed" not in done.stdout
+    missing = subprocess.run(
+        [sys.executable, "-m", "examples.compliance", "trail", str(staff.patient_id)],
+        env={k: v for k, v in os.environ.items() if k != "HCREPO_AUDITOR_URL"}, cwd=ROOT,
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert missing.returncode == 2 and "HCREPO_AUDITOR_URL" in missing.stderr
+
+
 def test_mypy_strict_finds_hcrepo_types_from_the_editable_install(tmp_path: Path) -> None:
     mypy = Path(sys.executable).with_name("mypy")
     if not mypy.exists():
