@@ -36,7 +36,7 @@ from hcrepo.observer import Observer
 from hcrepo.phi import patients as patient_ids
 from hcrepo.phi.fields import encrypted_fields
 from hcrepo.plan import Arguments, CacheSpec, Plan, QuerySpec, type_name
-from hcrepo.results import Many, shape_for
+from hcrepo.results import Many, Shape, shape_for
 from hcrepo.sealing import FieldCipher
 from hcrepo.tenancy import Context
 
@@ -196,23 +196,8 @@ def _plan_for(
         raise fail(f"no query named {spec.name!r} in {sql_file.name}")
     signature = inspect.signature(fn)
     parameters = list(signature.parameters.values())[1:]
-    positional = [p.name for p in parameters if p.kind is not inspect.Parameter.KEYWORD_ONLY]
-    if positional:
-        raise fail(f"parameters must be keyword-only (add '*'): {', '.join(positional)}", found)
-    declared = {p.name for p in parameters}
-    fields = bool(found.encrypted or found.generated)
-    if fields and not getattr(cls, "__tenant_scoped__", True):
-        raise fail("encrypted columns need a tenant-scoped repository (data keys are per "
-                   "clinic)", found)
-    in_sql = set(found.params) | ({found.order_by.param} if found.order_by else set())
-    if fields:
-        in_sql = FieldCipher(method, found, None).signature(found.params) | (
-            {found.order_by.param} if found.order_by else set())
-    if declared - in_sql:
-        raise fail(f"parameters the SQL lacks: {', '.join(sorted(declared - in_sql))}", found)
-    if in_sql - declared:
-        raise fail(f"SQL parameters the signature lacks: {', '.join(sorted(in_sql - declared))}",
-                   found)
+    _check_signature(method, found, parameters, getattr(cls, "__tenant_scoped__", True),
+                     lambda message: fail(message, found))
     cache: CacheSpec | None = getattr(fn, "__hcrepo_cache__", None)
     if cache is not None and found.is_write:
         raise fail("@cached on a query that writes", found)
@@ -228,16 +213,7 @@ def _plan_for(
         shape = shape_for(hints["return"], returns_rows=found.returns_rows, where=method)
     except ValueError as exc:
         raise fail(str(exc).removeprefix(f"{method}: "), found) from None
-    cipher = None
-    row = shape.row.target if shape.row is not None and shape.row.is_model else None
-    # A model field declared encrypted, read by a query without the directive, would be
-    # handed out as ciphertext: refused here as much as a directive without its model.
-    if fields or (row is not None and encrypted_fields(row)):
-        problems = FieldCipher.problems(found, row)
-        if problems:
-            raise fail("; ".join(problems), found)
-    if fields:
-        cipher = FieldCipher(method, found, row)
+    cipher = _cipher_for(method, found, shape, lambda message: fail(message, found))
     arguments = None
     if cache is not None or spec.invalidates:
         arguments = _cache_contract(method, found, spec, cache, hints,
@@ -246,24 +222,71 @@ def _plan_for(
         p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty
     }
     tenant_scoped = getattr(cls, "__tenant_scoped__", True)
-    patients = None
-    if spec.phi:
-        if not tenant_scoped:
-            # The access log records the clinic of every PHI call (docs/architecture.md,
-            # invariant 8): a call with no clinic could not be recorded.
-            raise fail("phi=True on a repository defined with tenant=False", found)
-        patients = patient_ids.for_query(
-            found.name, row_type=shape.row.target if shape.row else None,
-            many=isinstance(shape, Many), streams=shape.streams, params=found.params,
-            field=spec.patient_id_field, param=spec.patient_id_param,
-            fail=lambda message: fail(message, found),
-        )
-    elif spec.patient_id_field or spec.patient_id_param:
-        raise fail("patient_id_field= and patient_id_param= need phi=True", found)
+    patients = _patients_for(spec, found, shape, tenant_scoped,
+                             lambda message: fail(message, found))
     plan = Plan(query=found, method=method, shape=shape, spec=spec, cache=cache,
                 defaults=defaults, tenant_scoped=tenant_scoped, arguments=arguments,
                 patients=patients)
     return plan, cipher
+
+
+def _check_signature(
+    method: str, found: sqlfile.SqlQuery, parameters: list[inspect.Parameter],
+    tenant_scoped: bool, fail: Callable[[str], SqlFileError],
+) -> None:
+    """The method's keyword-only parameters are the SQL's, those an encrypted column or a
+    blind index takes in their place included."""
+    positional = [p.name for p in parameters if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    if positional:
+        raise fail(f"parameters must be keyword-only (add '*'): {', '.join(positional)}")
+    fields = bool(found.encrypted or found.generated)
+    if fields and not tenant_scoped:
+        raise fail("encrypted columns need a tenant-scoped repository (data keys are per "
+                   "clinic)")
+    params = FieldCipher(method, found, None).signature(found.params) if fields else set(
+        found.params)
+    in_sql = params | ({found.order_by.param} if found.order_by else set())
+    declared = {p.name for p in parameters}
+    if declared - in_sql:
+        raise fail(f"parameters the SQL lacks: {', '.join(sorted(declared - in_sql))}")
+    if in_sql - declared:
+        raise fail(f"SQL parameters the signature lacks: {', '.join(sorted(in_sql - declared))}")
+
+
+def _cipher_for(
+    method: str, found: sqlfile.SqlQuery, shape: Shape, fail: Callable[[str], SqlFileError]
+) -> FieldCipher | None:
+    """How the method seals its arguments and opens its rows; None when it has no encrypted
+    column, generated id or blind index."""
+    fields = bool(found.encrypted or found.generated)
+    row = shape.row.target if shape.row is not None and shape.row.is_model else None
+    # A model field declared encrypted, read by a query without the directive, would be
+    # handed out as ciphertext: refused here as much as a directive without its model.
+    if fields or (row is not None and encrypted_fields(row)):
+        problems = FieldCipher.problems(found, row)
+        if problems:
+            raise fail("; ".join(problems))
+    return FieldCipher(method, found, row) if fields else None
+
+
+def _patients_for(
+    spec: QuerySpec, found: sqlfile.SqlQuery, shape: Shape, tenant_scoped: bool,
+    fail: Callable[[str], SqlFileError],
+) -> patient_ids.PatientIds | None:
+    """Where the access log finds the patients of a `phi=True` call."""
+    if not spec.phi:
+        if spec.patient_id_field or spec.patient_id_param:
+            raise fail("patient_id_field= and patient_id_param= need phi=True")
+        return None
+    if not tenant_scoped:
+        # The access log records the clinic of every PHI call (docs/architecture.md,
+        # invariant 8): a call with no clinic could not be recorded.
+        raise fail("phi=True on a repository defined with tenant=False")
+    return patient_ids.for_query(
+        found.name, row_type=shape.row.target if shape.row else None,
+        many=isinstance(shape, Many), streams=shape.streams, params=found.params,
+        field=spec.patient_id_field, param=spec.patient_id_param, fail=fail,
+    )
 
 
 def _cache_contract(
