@@ -102,9 +102,11 @@ class Database:
         cls,
         *,
         on_emergency_access: Callable[[EmergencyAccess], None] | None = None,
+        master_keys: MasterKeys | None = None,
         **overrides: Any,
     ) -> Database:
-        return cls(Settings.load(**overrides), on_emergency_access=on_emergency_access)
+        return cls(Settings.load(**overrides), on_emergency_access=on_emergency_access,
+                   master_keys=master_keys)
 
     # -- lifecycle -----------------------------------------------------------------------
 

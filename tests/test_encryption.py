@@ -832,3 +832,56 @@ def test_a_process_that_has_not_seen_a_rotation_yet_writes_readable_values_the_r
     assert rotation.rotate_data(owner(migrated_db), master, SSN_COLUMNS, only=clinic.id) == 1
     assert versions(migrated_db, clinic) == {2: 4}
     assert all_readable(doctor, clinic, expected)
+
+
+class CountingKms:
+    """A key service standing in for a KMS client: its own key, every call counted. The
+    settings hold no master key at all, so only this object can wrap and unwrap."""
+
+    def __init__(self) -> None:
+        self._aead = AESGCM(os.urandom(32))
+        self.calls: list[tuple[str, bytes]] = []
+
+    @property
+    def current_version(self) -> int:
+        return 7
+
+    def wrap(self, data_key: bytes, context: bytes) -> bytes:
+        self.calls.append(("wrap", context))
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(nonce, data_key, context)
+
+    def unwrap(self, version: int, wrapped: bytes, context: bytes) -> bytes:
+        self.calls.append(("unwrap", context))
+        assert version == 7
+        return self._aead.decrypt(wrapped[:12], wrapped[12:], context)
+
+
+@pytest.mark.parametrize("opened", ["constructor", "from_env"])
+def test_a_key_service_replaces_the_master_key_setting(
+    migrated_db: ServerDatabase, clinic: Clinic, monkeypatch: pytest.MonkeyPatch, opened: str
+) -> None:
+    kms = CountingKms()
+    if opened == "constructor":
+        db = Database(keyed(migrated_db.app_url, HCREPO_MASTER_KEY=None), master_keys=kms)
+    else:
+        for name, value in (("DATABASE_URL", migrated_db.app_url), ("REDIS_URL", ""),
+                            ("HCREPO_BLIND_INDEX_KEY", BLIND)):
+            monkeypatch.setenv(name, value)
+        monkeypatch.delenv("HCREPO_MASTER_KEY", raising=False)
+        db = Database.from_env(master_keys=kms)
+    with db, scope(db, clinic):
+        created = create(db, SSN)
+        assert PatientRepository(db).get(id=created.id) == created
+    # The clinic's first data key, wrapped by the service (and read back through it).
+    assert [kind for kind, _ in kms.calls].count("wrap") == 1
+    before = len(kms.calls)
+    with psycopg.connect(migrated_db.superuser_url) as conn:
+        assert conn.execute("SELECT master_version FROM clinic_data_keys WHERE clinic_id = %s",
+                            [clinic.id]).fetchall() == [(7,)]
+    # Another process (empty key cache) needs the service to unwrap the key.
+    other = Database(keyed(migrated_db.app_url, HCREPO_MASTER_KEY=None), master_keys=kms)
+    with other, scope(other, clinic):
+        found = PatientRepository(other).get(id=created.id)
+    assert found is not None and found.ssn == SSN
+    assert [kind for kind, _ in kms.calls[before:]] == ["unwrap"]
